@@ -1,0 +1,166 @@
+"""Settings: every environment variable the sidecar reads, typed and validated once.
+
+The names and defaults of the first eight variables are contracts inherited from
+the original service (DESIGN.md); the rest are this project's. A bad value stops
+start-up with one line naming the variable and the fix (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TASK_TRACKING_"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class ConfigError(Exception):
+    """A setting a user got wrong; the message is one line naming the variable and the fix."""
+
+
+class Settings(BaseSettings):
+    """The sidecar's configuration, read from `TASK_TRACKING_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    redis_url: str
+    redis_stream_key: str = Field("task-events:v1", min_length=1)
+    redis_projector_consumer_group: str = Field("task-status-projector", min_length=1)
+    redis_archiver_consumer_group: str = Field("task-history-archiver", min_length=1)
+    redis_consumer_name: str = Field("alakai", min_length=1)
+    # How many entries one XREADGROUP returns, and how long it blocks when idle.
+    redis_batch_size: int = Field(500, ge=1, le=100_000)
+    redis_block_ms: int = Field(5000, ge=10, le=60_000)
+    # A consumer that has not read for this long is taken for dead; its pending
+    # entries are claimed by a live replica, as one set.
+    redis_claim_idle_ms: int = Field(60_000, ge=1000)
+    # Last-resort cap on the stream length (0 = none); see README "Stream memory".
+    redis_stream_maxlen: int = Field(0, ge=0)
+
+    s3_archive_enabled: bool = False
+    s3_bucket: str | None = None
+    s3_prefix: str = "task-tracking"
+    s3_region: str | None = None
+    s3_endpoint_url: str | None = None
+
+    archive_sink: Literal["s3", "folder"] = "s3"
+    archive_folder: Path | None = None
+    archive_flush_max_events: int = Field(5000, ge=1, le=100_000)
+    archive_flush_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    archive_flush_max_age_seconds: float = Field(30.0, gt=0, le=3600)
+
+    projection_ttl_seconds: int = Field(0, ge=0)
+    project_index_max_age_days: int = Field(0, ge=0)
+    project_index_max_size: int = Field(0, ge=0)
+
+    http_port: int = Field(9470, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # The TaskTracking resource to watch; empty leaves the operator off.
+    resource_name: str = ""
+    namespace: str = ""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+            raise ValueError(
+                "must start with redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster://"
+            )
+        return value
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if value.startswith("/") or value.endswith("/"):
+            raise ValueError("must not start or end with '/' (for example: task-tracking)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("s3_bucket", "s3_region", "s3_endpoint_url", "archive_folder", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _archive_needs_target(self) -> Settings:
+        if self.s3_archive_enabled and self.archive_sink == "s3" and not self.s3_bucket:
+            raise ValueError(
+                "TASK_TRACKING_S3_BUCKET is required when TASK_TRACKING_S3_ARCHIVE_ENABLED=true:"
+                " set it to the bucket name, or set TASK_TRACKING_S3_ARCHIVE_ENABLED=false"
+            )
+        if self.archive_sink == "folder" and self.archive_folder is None:
+            raise ValueError(
+                "TASK_TRACKING_ARCHIVE_FOLDER is required when TASK_TRACKING_ARCHIVE_SINK=folder:"
+                " set it to a writable directory"
+            )
+        return self
+
+    @property
+    def dead_letter_key(self) -> str:
+        return f"{self.redis_stream_key}:dead-letter"
+
+    @property
+    def pod_namespace(self) -> str:
+        """The namespace to watch: the setting, else the service account's namespace."""
+        if self.namespace:
+            return self.namespace
+        try:
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        except OSError:
+            return "default"
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Read settings from the environment; raise `ConfigError` with one readable line."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    values.update(overrides)
+    try:
+        # Pass values explicitly so a test's environ is not merged with os.environ.
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """First problem of a settings ValidationError, as one line naming the variable."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not field:  # model-level rule: its message already names the variables
+        return message
+    variable = ENV_PREFIX + field.upper()
+    if error["type"] == "missing":
+        hint = " (for example redis://localhost:6379/0)" if field == "redis_url" else ""
+        return f"{variable} is required: set it{hint}"
+    shown = error.get("input")
+    if field == "redis_url" and isinstance(shown, str):
+        shown = redact_url(shown)
+    return f"{variable}={shown!r} is invalid: {message}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***', safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,361 @@
+"""The consumer-group runner every worker shares.
+
+It owns everything about a Redis consumer group that is not the worker's
+effect: creating the group, re-reading the consumer's own pending entries on
+start, blocking reads in batches, claiming the pending entries of consumers
+that died, dead-lettering invalid entries, acknowledging only what the worker
+reports durable, reconnecting with capped backoff, and draining on stop.
+
+A worker is a `BatchHandler`: `add` buffers decoded events in memory (it cannot
+fail), `flush` makes some or all of them durable and returns their entry IDs.
+`flush` must be safe to call again after it raised: the runner retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sidecar.events import InvalidEntry, ValidEvent, decode_entry
+from sidecar.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Errors after which the connection is retried; anything else is a bug and is
+# retried too, but logged with its traceback.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# Removes a consumer from the group only if it still has nothing pending and is
+# still idle, atomically: a consumer that read in between keeps its entries.
+DELETE_IDLE_CONSUMER = """
+for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+  if fields['name'] == ARGV[2] then
+    if tonumber(fields['pending']) == 0 and tonumber(fields['idle']) >= tonumber(ARGV[3]) then
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    end
+    return -1
+  end
+end
+return -1
+"""
+
+
+class BatchHandler(Protocol):
+    """What a worker does with the valid events the runner hands it."""
+
+    def add(self, events: Sequence[ValidEvent]) -> None:
+        """Buffer events in memory."""
+
+    async def flush(self, *, force: bool) -> list[str]:
+        """Make buffered events durable; with force, all of them. Returns acknowledged IDs."""
+
+    def seconds_until_due(self) -> float | None:
+        """When the next time-based flush is due, or None if nothing is buffered."""
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    batch_size: int = 500
+    block_ms: int = 5000
+    claim_idle_ms: int = 60_000
+    # Invalid entries: to the dead-letter stream (projector) or just acknowledged (archiver).
+    dead_letter: bool = True
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+
+
+class ConsumerGroupRunner:
+    """Runs one consumer of one group on one stream, feeding a `BatchHandler`."""
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: BatchHandler,
+        metrics: Metrics,
+        options: RunnerOptions | None = None,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.handler = handler
+        self.metrics = metrics
+        self.options = options or RunnerOptions()
+        self.dead_letter_key = f"{stream}:dead-letter"
+        self.ready = asyncio.Event()
+        self.failure: str | None = None  # last error while not ready, for /readyz
+        self._stopping = asyncio.Event()
+        self._to_ack: list[str] = []
+        self._invalid: list[InvalidEntry] = []
+        self._recovered = False
+        self._force_flush = False
+        self._next_claim = 0.0
+        self._log = logging.LoggerAdapter(log, {"group": group, "worker": consumer})
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until `stop()`; then flush, acknowledge and return."""
+        backoff = self.options.backoff_initial
+        connected_before = False
+        while True:
+            try:
+                await self._ensure_group()
+                if not self._recovered:
+                    await self._recover_own_pending()
+                    self._recovered = True
+                await self._settle()  # a batch left in hand by a lost connection
+                self._mark_ready()
+                if connected_before:
+                    self.metrics.redis_reconnects.labels(self.group).inc()
+                    self._log.info("reconnected to Redis")
+                connected_before = True
+                backoff = self.options.backoff_initial
+                while not self._stopping.is_set():
+                    await self._claim_from_dead_consumers()
+                    entries = await self._read_new()
+                    await self._process(entries, force=False)
+                    await self._ack(await self.handler.flush(force=False))
+                await self._settle(force=True)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_not_ready(exc)
+                delay = backoff * (0.5 + random.random() / 2)
+                backoff = min(backoff * 2, self.options.backoff_max)
+                if await self._wait_stopping(delay) and self._give_up_on_stop():
+                    return
+
+    async def stop(self) -> None:
+        """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""
+        self._stopping.set()
+
+    def _give_up_on_stop(self) -> bool:
+        # Stopping while Redis is away: whatever is unacknowledged stays pending
+        # and is re-read by this consumer (or claimed) later. Nothing is lost.
+        if self._to_ack or self._invalid:
+            self._log.warning(
+                "stopping with %d entries unacknowledged; they stay pending",
+                len(self._to_ack) + len(self._invalid),
+            )
+        return True
+
+    async def _wait_stopping(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _mark_ready(self) -> None:
+        self.failure = None
+        self.ready.set()
+        self.metrics.redis_connected.labels(self.group).set(1)
+
+    def _mark_not_ready(self, exc: Exception) -> None:
+        self.failure = f"{type(exc).__name__}: {exc}"
+        if self.ready.is_set() or not isinstance(exc, TRANSIENT):
+            if isinstance(exc, TRANSIENT):
+                self._log.warning("Redis unavailable, retrying with backoff: %s", self.failure)
+            else:
+                self._log.exception("worker error, retrying with backoff")
+        self.ready.clear()
+        self.metrics.redis_connected.labels(self.group).set(0)
+
+    # ---- reading ---------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            self._log.info("created consumer group on %s", self.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _recover_own_pending(self) -> None:
+        """Re-read this consumer's whole pending list and settle it as one batch.
+
+        One batch, so a worker that groups entries (the archiver) forms exactly
+        the groups it formed before a crash; see README "Exactly once".
+        """
+        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        cursor = "0"
+        while True:
+            response: Any = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: cursor}, count=self.options.batch_size
+            )
+            page = response[0][1] if response else []
+            if not page:
+                break
+            entries.extend(page)
+            cursor = page[-1][0].decode()
+        if entries:
+            self._log.info("re-reading %d pending entries of this consumer", len(entries))
+            await self._process(entries, force=True)
+
+    async def _read_new(self) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+        block = self.options.block_ms
+        due = self.handler.seconds_until_due()
+        if due is not None:
+            block = max(1, min(block, int(due * 1000)))
+        read = asyncio.ensure_future(
+            self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
+                count=self.options.batch_size,
+                block=block,
+            )
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not read.done():
+            # Entries the server delivered but we never received stay pending
+            # for this consumer and are re-read on its next start.
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+            return []
+        response: Any = read.result()
+        return response[0][1] if response else []
+
+    async def _process(
+        self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]], *, force: bool
+    ) -> None:
+        if not entries:
+            return
+        valid: list[ValidEvent] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            if not fields:  # a pending entry deleted from the stream meanwhile (XADD needs a field)
+                self._invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
+                continue
+            decoded = decode_entry(entry_id, fields)
+            if isinstance(decoded, InvalidEntry):
+                self._invalid.append(decoded)
+            else:
+                valid.append(decoded)
+        self.metrics.read.labels(self.group).inc(len(entries))
+        self.metrics.batch_size.labels(self.group).observe(len(entries))
+        self.handler.add(valid)
+        self._force_flush = self._force_flush or force
+        await self._settle()
+
+    async def _settle(self, *, force: bool = False) -> None:
+        """Finish what is in hand: invalid entries, a forced flush, unsent acknowledgements.
+
+        Safe to call again after it raised; a forced flush stays owed until it succeeds.
+        """
+        await self._dispose_invalid()
+        if force or self._force_flush:
+            self._to_ack.extend(await self.handler.flush(force=True))
+            self._force_flush = False
+        await self._ack([])
+
+    async def _ack(self, ids: list[str]) -> None:
+        self._to_ack.extend(ids)
+        if self._to_ack:
+            await self.redis.xack(self.stream, self.group, *self._to_ack)
+            self._to_ack.clear()
+
+    async def _dispose_invalid(self) -> None:
+        if not self._invalid:
+            return
+        if not self.options.dead_letter:
+            self.metrics.invalid_skipped.labels(self.group).inc(len(self._invalid))
+            self._to_ack.extend(entry.entry_id for entry in self._invalid)
+            self._invalid.clear()
+            return
+        for entry in self._invalid:
+            self._log.warning(
+                "dead-lettering entry: %s",
+                entry.reason,
+                extra={"stream_id": entry.entry_id},
+            )
+        # Standalone Redis: dead-letter and acknowledgement in one MULTI, so a
+        # crash cannot dead-letter an entry twice. A cluster keeps the two
+        # streams on different slots: dead-letter first, then acknowledge.
+        transaction = isinstance(self.redis, Redis)
+        async with self.redis.pipeline(transaction=transaction) as pipe:
+            for entry in self._invalid:
+                fields: dict[Any, Any] = {
+                    "error": entry.reason,
+                    "sourceId": entry.entry_id,
+                    "group": self.group,
+                }
+                if entry.raw is not None:
+                    fields = {"event": entry.raw, **fields}
+                pipe.xadd(self.dead_letter_key, fields)
+            if transaction:
+                pipe.xack(self.stream, self.group, *(e.entry_id for e in self._invalid))
+            await pipe.execute()
+        if not transaction:
+            await self.redis.xack(self.stream, self.group, *(e.entry_id for e in self._invalid))
+        self.metrics.dead_lettered.labels(self.group).inc(len(self._invalid))
+        self._invalid.clear()
+
+    # ---- claiming --------------------------------------------------------
+
+    async def _claim_from_dead_consumers(self) -> None:
+        """Take over the pending entries of consumers idle longer than the claim time.
+
+        A dead consumer's pending list is claimed whole, in one XCLAIM, and
+        settled as one batch after this consumer's own buffer is flushed, for
+        the same reason own pending entries are re-read as one batch.
+        """
+        now = time.monotonic()
+        if now < self._next_claim:
+            return
+        self._next_claim = now + self.options.claim_idle_ms / 4000
+        idle_ms = self.options.claim_idle_ms
+        consumers: Any = await self.redis.xinfo_consumers(self.stream, self.group)
+        for info in consumers:
+            name = _text(info["name"])
+            if name == self.consumer or int(info["idle"]) < idle_ms:
+                continue
+            if int(info["pending"]) == 0:
+                await self.redis.eval(
+                    DELETE_IDLE_CONSUMER, 1, self.stream, self.group, name, idle_ms
+                )
+                continue
+            ids = await self._pending_ids(name, int(info["pending"]))
+            self._to_ack.extend(await self.handler.flush(force=True))
+            await self._ack([])
+            claimed: Any = await self.redis.xclaim(
+                self.stream, self.group, self.consumer, idle_ms, list[Any](ids)
+            )
+            if claimed:
+                self._log.warning(
+                    "claimed %d pending entries of idle consumer %s", len(claimed), name
+                )
+                self.metrics.claimed.labels(self.group).inc(len(claimed))
+                await self._process(claimed, force=True)
+
+    async def _pending_ids(self, consumer: str, count: int) -> list[str]:
+        rows: Any = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=count, consumername=consumer
+        )
+        return [_text(row["message_id"]) for row in rows]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

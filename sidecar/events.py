@@ -1,0 +1,184 @@
+"""The task lifecycle event: its contract, its parsing from a stream entry, its ordering key.
+
+Parsing never raises: `decode_entry` returns either a `ValidEvent` or an
+`InvalidEntry` carrying a one-line reason, which workers dead-letter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+EVENT_FIELD = b"event"
+STATUS_RANK = {"in_progress": 0, "success": 1, "error": 1}
+PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,38}/(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}")
+
+Status = Literal["in_progress", "success", "error"]
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+OrderingKey = tuple[int, int, str]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_MS = timedelta(milliseconds=1)
+
+
+class Actor(BaseModel):
+    """Who triggered the task; display fields beyond `provider` and `id` are kept as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    provider: Literal["slack", "github"]
+    id: NonEmpty
+
+
+class Visibility(BaseModel):
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    responsible_users: list[StrictStr] | None = None
+
+
+class TaskEvent(BaseModel):
+    """One lifecycle event, camelCase on the wire as the Node.js publisher writes it.
+
+    Unknown extra fields are allowed and preserved.
+    """
+
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    event_id: NonEmpty
+    execution_id: NonEmpty
+    task_name: NonEmpty
+    status: Status
+    project: StrictStr
+    occurred_at: StrictStr | StrictInt
+    actor: Actor | None = None
+    pr_links: list[StrictStr] | None = None
+    visibility: Visibility | None = None
+    flow: StrictStr | None = None
+
+    @field_validator("project")
+    @classmethod
+    def _project_shape(cls, value: str) -> str:
+        if not PROJECT_RE.fullmatch(value):
+            raise ValueError("must be owner/repo (GitHub names; repo not '.' or '..')")
+        return value
+
+    @field_validator("pr_links")
+    @classmethod
+    def _urls(cls, value: list[str] | None) -> list[str] | None:
+        for link in value or ():
+            if not link.startswith(("https://", "http://")):
+                raise ValueError(f"{link!r} is not an http(s) URL")
+        return value
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _timestamp(cls, value: str | int) -> str | int:
+        occurred_at_ms(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def occurred_at_ms(self) -> int:
+        return occurred_at_ms(self.occurred_at)
+
+    @property
+    def ordering_key(self) -> OrderingKey:
+        return (self.occurred_at_ms, STATUS_RANK[self.status], self.event_id)
+
+    def to_json(self) -> bytes:
+        """The event as the stream carries it: camelCase JSON, unset optional fields left out."""
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def occurred_at_ms(value: str | int) -> int:
+    """Epoch milliseconds of an `occurredAt`: ISO-8601 with a timezone, or epoch ms."""
+    if isinstance(value, int):
+        if isinstance(value, bool) or not 0 <= value < 10**14:
+            raise ValueError("epoch milliseconds must be a non-negative integer below 10^14")
+        return value
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be ISO-8601 with a timezone or epoch milliseconds") from None
+    if parsed.tzinfo is None:
+        raise ValueError("ISO-8601 timestamp needs a timezone (for example ...T10:00:00.000Z)")
+    return (parsed - EPOCH) // ONE_MS
+
+
+@dataclass(frozen=True, slots=True)
+class ValidEvent:
+    """A stream entry that holds a valid event, with what the workers need from it."""
+
+    entry_id: str
+    raw: bytes  # the `event` field exactly as it stood in the stream
+    fields: dict[str, Any]  # the decoded top-level JSON object
+    event_id: str
+    execution_id: str
+    project: str
+    status: str
+    occurred_at_ms: int
+
+    @property
+    def ordering_key(self) -> OrderingKey:
+        return (self.occurred_at_ms, STATUS_RANK[self.status], self.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidEntry:
+    """A stream entry that cannot be processed, and why."""
+
+    entry_id: str
+    raw: bytes | None  # the `event` field if the entry had one
+    reason: str
+
+
+def decode_entry(entry_id: str, fields: dict[bytes, bytes]) -> ValidEvent | InvalidEntry:
+    """Decode one stream entry. Never raises: problems come back as `InvalidEntry`."""
+    raw = fields.get(EVENT_FIELD)
+    if raw is None:
+        return InvalidEntry(entry_id, None, "entry has no 'event' field")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return InvalidEntry(entry_id, raw, f"event is not JSON: {exc}")
+    if not isinstance(data, dict):
+        return InvalidEntry(
+            entry_id, raw, f"event must be a JSON object, got {type(data).__name__}"
+        )
+    try:
+        event = TaskEvent.model_validate(data)
+    except ValidationError as exc:
+        return InvalidEntry(entry_id, raw, describe_event_error(exc))
+    except Exception as exc:  # a validator bug must not stop the stream
+        return InvalidEntry(entry_id, raw, f"event could not be validated: {exc!r}")
+    return ValidEvent(
+        entry_id=entry_id,
+        raw=raw,
+        fields=data,
+        event_id=event.event_id,
+        execution_id=event.execution_id,
+        project=event.project,
+        status=event.status,
+        occurred_at_ms=event.occurred_at_ms,
+    )
+
+
+def describe_event_error(exc: ValidationError) -> str:
+    """All problems of an event, as one line: `field: message; field: message`."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "event"
+        problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)

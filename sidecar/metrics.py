@@ -1,0 +1,152 @@
+"""Prometheus metrics: one registry per sidecar, so several sidecars can share a test process."""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sidecar import __version__
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    """Every metric the sidecar exposes, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
+        gauge("task_tracking_build_info", "Build information.", ("version", "python")).labels(
+            __version__, platform.python_version()
+        ).set(1)
+
+        # Sampled from XINFO on a timer (StreamStatsSampler), never per event.
+        self.lag = gauge(
+            "task_tracking_consumer_group_lag",
+            "Entries in the stream not yet delivered to the group.",
+            ("group",),
+        )
+        self.pending = gauge(
+            "task_tracking_consumer_group_pending",
+            "Entries delivered to the group and not yet acknowledged.",
+            ("group",),
+        )
+        self.oldest_pending_age = gauge(
+            "task_tracking_oldest_pending_age_seconds",
+            "Age of the group's oldest pending entry (by its stream ID time).",
+            ("group",),
+        )
+        self.stream_length = gauge("task_tracking_stream_length", "Entries in the stream.")
+        self.dead_letter_length = gauge(
+            "task_tracking_dead_letter_length", "Entries in the dead-letter stream."
+        )
+
+        self.read = counter(
+            "task_tracking_events_read", "Stream entries read, by group.", ("group",)
+        )
+        self.applied = counter(
+            "task_tracking_events_applied",
+            "Events that took effect: projected, or archived.",
+            ("group",),
+        )
+        self.stale = counter(
+            "task_tracking_events_stale",
+            "Events skipped by the ordering rule (older than the projected state, or replays).",
+            ("group",),
+        )
+        self.dead_lettered = counter(
+            "task_tracking_events_dead_lettered",
+            "Invalid entries moved to the dead-letter stream.",
+            ("group",),
+        )
+        self.invalid_skipped = counter(
+            "task_tracking_events_invalid_skipped",
+            "Invalid entries acknowledged without effect (archiver group).",
+            ("group",),
+        )
+        self.claimed = counter(
+            "task_tracking_entries_claimed",
+            "Pending entries claimed from consumers taken for dead.",
+            ("group",),
+        )
+        self.end_to_end_latency = Histogram(
+            "task_tracking_end_to_end_latency_seconds",
+            "From the stream entry's time (XADD) to its effect being durable.",
+            ("group",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.event_age = Histogram(
+            "task_tracking_event_age_seconds",
+            "From the event's occurredAt to its effect being durable.",
+            ("group",),
+            buckets=AGE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "task_tracking_batch_size",
+            "Entries per processed batch.",
+            ("group",),
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+
+        self.archive_objects = counter("task_tracking_archive_objects", "Archive objects written.")
+        self.archive_bytes = counter("task_tracking_archive_bytes", "Archive bytes written.")
+        self.archive_upload_seconds = Histogram(
+            "task_tracking_archive_upload_seconds",
+            "Time to write one archive object.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.archive_failures = counter(
+            "task_tracking_archive_failures", "Failed archive writes, by reason.", ("reason",)
+        )
+        self.archive_already_present = counter(
+            "task_tracking_archive_already_present",
+            "Writes found already done by an earlier attempt (exactly-once recovery).",
+        )
+        self.archive_enabled = gauge(
+            "task_tracking_archive_enabled",
+            "1 while archival is on, by target bucket (or folder).",
+            ("bucket",),
+        )
+        self.resource_generation = gauge(
+            "task_tracking_resource_generation",
+            "metadata.generation of the TaskTracking resource last applied (0: none).",
+        )
+
+        self.redis_connected = gauge(
+            "task_tracking_redis_connected",
+            "1 while the worker's Redis connection works.",
+            ("group",),
+        )
+        self.redis_reconnects = counter(
+            "task_tracking_redis_reconnects", "Redis connection losses recovered from.", ("group",)
+        )
+        self.ready = gauge("task_tracking_ready", "1 when /readyz answers 200.")
+
+        self.stream_trimmed = counter(
+            "task_tracking_stream_trimmed",
+            "Entries trimmed from the stream after every active group acknowledged them.",
+        )
+        self.stream_dropped_unarchived = counter(
+            "task_tracking_stream_dropped_unarchived",
+            "Entries dropped by the hard length cap before the archiver acknowledged them.",
+        )
+        self.archive_skipped = counter(
+            "task_tracking_archive_skipped",
+            "Entries skipped by the archiver because archival was off (see README).",
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,104 @@
+"""`RedisTaskTrackingService`: the publisher for Python applications.
+
+Writes events exactly as the Node.js publisher does: XADD of one field,
+`event`, holding camelCase JSON.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis, RedisCluster
+
+from sidecar.events import Status, TaskEvent
+
+
+def load_responsible_users(path: Path) -> list[str]:
+    """`visibility.responsibleUsers` from a JSON file: a list, or {"responsibleUsers": [...]}."""
+    data = orjson.loads(path.read_bytes())
+    if isinstance(data, dict):
+        data = data.get("responsibleUsers")
+    if not isinstance(data, list) or not all(isinstance(user, str) for user in data):
+        raise ValueError(
+            f"{path}: expected a JSON list of user names or {{'responsibleUsers': [...]}}"
+        )
+    return data
+
+
+def now_iso() -> str:
+    """The current time as the Node.js publisher writes it: 2026-03-15T10:00:00.000Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RedisTaskTrackingService:
+    """Publishes task lifecycle events to the stream."""
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        stream_key: str = "task-events:v1",
+        *,
+        responsible_users: list[str] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.stream_key = stream_key
+        self.responsible_users = responsible_users
+
+    async def emit(self, event: TaskEvent) -> str:
+        """Publish one event; returns its stream entry ID."""
+        entry_id = await self.redis.xadd(self.stream_key, {"event": event.to_json()})
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def build(
+        self,
+        *,
+        execution_id: str,
+        task_name: str,
+        project: str,
+        status: Status,
+        occurred_at: str | int | None = None,
+        **extra: Any,
+    ) -> TaskEvent:
+        """An event with a fresh eventId, the current time and the configured visibility."""
+        if self.responsible_users is not None and "visibility" not in extra:
+            extra["visibility"] = {"responsibleUsers": self.responsible_users}
+        return TaskEvent.model_validate(
+            {
+                "eventId": str(uuid.uuid4()),
+                "executionId": execution_id,
+                "taskName": task_name,
+                "project": project,
+                "status": status,
+                "occurredAt": occurred_at if occurred_at is not None else now_iso(),
+                **extra,
+            }
+        )
+
+    @asynccontextmanager
+    async def track(
+        self,
+        task_name: str,
+        project: str,
+        *,
+        execution_id: str | None = None,
+        **extra: Any,
+    ) -> AsyncIterator[str]:
+        """Emit `in_progress` on entry and `success` or `error` on exit; yields the executionId.
+
+        The exception, if any, propagates after the `error` event is written.
+        """
+        execution_id = execution_id or str(uuid.uuid4())
+        common = {"execution_id": execution_id, "task_name": task_name, "project": project}
+        await self.emit(self.build(status="in_progress", **common, **extra))
+        try:
+            yield execution_id
+        except BaseException:
+            await self.emit(self.build(status="error", **common, **extra))
+            raise
+        await self.emit(self.build(status="success", **common, **extra))

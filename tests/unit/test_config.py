@@ -1,0 +1,75 @@
+"""Settings: contract names and defaults, one-line errors, exit code 2, no secrets printed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.config import ConfigError, load_settings, redact_url
+
+
+def test_contract_defaults() -> None:
+    settings = load_settings({"TASK_TRACKING_REDIS_URL": "redis://localhost:6379/0"})
+    assert settings.redis_stream_key == "task-events:v1"
+    assert settings.redis_projector_consumer_group == "task-status-projector"
+    assert settings.redis_archiver_consumer_group == "task-history-archiver"
+    assert settings.redis_consumer_name == "alakai"
+    assert settings.s3_archive_enabled is False
+    assert settings.s3_bucket is None
+    assert settings.s3_prefix == "task-tracking"
+    assert settings.http_port == 9470
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "TASK_TRACKING_REDIS_URL is required"),
+        ({"TASK_TRACKING_REDIS_URL": "http://x"}, "TASK_TRACKING_REDIS_URL="),
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://x", "TASK_TRACKING_S3_ARCHIVE_ENABLED": "true"},
+            "TASK_TRACKING_S3_BUCKET is required",
+        ),
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://x", "TASK_TRACKING_S3_ARCHIVE_ENABLED": "maybe"},
+            "TASK_TRACKING_S3_ARCHIVE_ENABLED='maybe' is invalid",
+        ),
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://x", "TASK_TRACKING_HTTP_PORT": "-1"},
+            "TASK_TRACKING_HTTP_PORT",
+        ),
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://x", "TASK_TRACKING_S3_PREFIX": "/a/"},
+            "TASK_TRACKING_S3_PREFIX",
+        ),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_password_never_printed() -> None:
+    assert redact_url("redis://user:s3cret@host:6380/0") == "redis://user:***@host:6380/0"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"TASK_TRACKING_REDIS_URL": "http://user:s3cret@host"})
+    assert "s3cret" not in str(caught.value)
+
+
+def test_run_with_bad_environment_exits_2_with_one_line_and_no_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env={"TASK_TRACKING_REDIS_URL": "ftp://user:hunter2@x", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "TASK_TRACKING_REDIS_URL" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
