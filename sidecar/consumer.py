@@ -52,8 +52,16 @@ return -1
 """
 
 
+class WorkerError(Exception):
+    """A failure the worker explains in its message (a bucket missing, say): logged as
+    one line, without a traceback, and retried with backoff."""
+
+
 class BatchHandler(Protocol):
     """What a worker does with the valid events the runner hands it."""
+
+    async def prepare(self) -> None:
+        """Check the worker can do its job before reading (raise `WorkerError` if not)."""
 
     def add(self, events: Sequence[ValidEvent]) -> None:
         """Buffer events in memory."""
@@ -73,7 +81,7 @@ class RunnerOptions:
     # Invalid entries: to the dead-letter stream (projector) or just acknowledged (archiver).
     dead_letter: bool = True
     backoff_initial: float = 0.1
-    backoff_max: float = 5.0
+    backoff_max: float = 10.0
 
 
 class ConsumerGroupRunner:
@@ -117,6 +125,7 @@ class ConsumerGroupRunner:
         while True:
             try:
                 await self._ensure_group()
+                await self.handler.prepare()
                 if not self._recovered:
                     await self._recover_own_pending()
                     self._recovered = True
@@ -165,17 +174,22 @@ class ConsumerGroupRunner:
         return True
 
     def _mark_ready(self) -> None:
+        if self.failure is not None:
+            self._log.info("recovered from: %s", self.failure)
         self.failure = None
         self.ready.set()
         self.metrics.redis_connected.labels(self.group).set(1)
 
     def _mark_not_ready(self, exc: Exception) -> None:
-        self.failure = f"{type(exc).__name__}: {exc}"
-        if self.ready.is_set() or not isinstance(exc, TRANSIENT):
-            if isinstance(exc, TRANSIENT):
-                self._log.warning("Redis unavailable, retrying with backoff: %s", self.failure)
+        failure = str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+        if failure != self.failure:  # log a failure once, not at every retry
+            if isinstance(exc, WorkerError):
+                self._log.error("%s; retrying with backoff", failure)
+            elif isinstance(exc, TRANSIENT):
+                self._log.warning("Redis unavailable, retrying with backoff: %s", failure)
             else:
                 self._log.exception("worker error, retrying with backoff")
+        self.failure = failure
         self.ready.clear()
         self.metrics.redis_connected.labels(self.group).set(0)
 

@@ -87,6 +87,9 @@ class RedisTaskStatusProjector:
         self._sha = hashlib.sha1(COMPARE_AND_SET.encode()).hexdigest()
         self._buffer: list[ValidEvent] = []
 
+    async def prepare(self) -> None:
+        pass
+
     def add(self, events: Sequence[ValidEvent]) -> None:
         self._buffer.extend(events)
 

@@ -110,6 +110,23 @@ async def group_done(client: aioredis.Redis, stream: str, group: str) -> bool:
     return False
 
 
+async def group_unacked(client: aioredis.Redis, stream: str, group: str) -> int:
+    """Entries the group has not acknowledged yet: never delivered (lag) or pending."""
+    for info in await client.xinfo_groups(stream):
+        if info["name"].decode() == group:
+            return int(info["lag"]) + int(info["pending"])
+    return len(await client.xrange(stream))
+
+
+async def group_read_all(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """Every entry of the stream delivered to the group (acknowledged or not)."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except Exception:
+        return False
+    return any(g["name"].decode() == group and g.get("lag") == 0 for g in groups)
+
+
 async def projection(client: aioredis.Redis, execution_ids: Iterable[str]) -> dict[str, dict]:
     async with client.pipeline(transaction=False) as pipe:
         ids = list(execution_ids)
@@ -131,7 +148,9 @@ def sidecar_env(redis_url: str, **settings: Any) -> dict[str, str]:
     env["TASK_TRACKING_REDIS_URL"] = redis_url
     env.setdefault("TASK_TRACKING_HTTP_PORT", "0")
     for name, value in settings.items():
-        env[f"TASK_TRACKING_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"TASK_TRACKING_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     return env
 
 
@@ -171,7 +190,7 @@ class SidecarProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def test_settings(redis_url: str, **overrides: Any):  # type: ignore[no-untyped-def]
+def sidecar_settings(redis_url: str, **overrides: Any):  # type: ignore[no-untyped-def]
     """Settings for an in-process sidecar: free HTTP port, quick blocking reads."""
     from sidecar.config import load_settings
 
@@ -180,13 +199,13 @@ def test_settings(redis_url: str, **overrides: Any):  # type: ignore[no-untyped-
     return load_settings({}, **values)
 
 
-class running_sidecar:  # noqa: N801 - used as `async with running_sidecar(...)`
+class running_sidecar:
     """An in-process sidecar, started on entry and drained on exit."""
 
     def __init__(self, redis_url: str, **overrides: Any) -> None:
         from sidecar.runtime import Sidecar
 
-        self.sidecar = Sidecar(test_settings(redis_url, **overrides), stats_interval=0.2)
+        self.sidecar = Sidecar(sidecar_settings(redis_url, **overrides), stats_interval=0.2)
 
     async def __aenter__(self):  # type: ignore[no-untyped-def]
         await self.sidecar.start()
@@ -194,3 +213,63 @@ class running_sidecar:  # noqa: N801 - used as `async with running_sidecar(...)`
 
     async def __aexit__(self, *exc: object) -> None:
         await self.sidecar.stop()
+
+
+KEY_RE = (
+    r"^{prefix}/([A-Za-z0-9-]+/[A-Za-z0-9._-]+)/(\d{{4}}-\d{{2}}-\d{{2}})"
+    r"/events-(\d{{13}})-([0-9a-z]{{6}})\.jsonl$"
+)
+
+
+def archive_objects_s3(client: Any, bucket: str) -> dict[str, bytes]:
+    """Every object in the bucket, key -> body (boto3 client)."""
+    objects: dict[str, bytes] = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket):
+        for item in page.get("Contents", ()):
+            objects[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return objects
+
+
+def archive_objects_folder(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted(root.rglob("*.jsonl"))
+        if not path.name.startswith(".")
+    }
+
+
+def check_exactly_once(
+    objects: dict[str, bytes], valid_raw: list[bytes], prefix: str = "task-tracking"
+) -> dict[str, int]:
+    """Assert the seed layout and that every valid event is in exactly one object, once.
+
+    Returns the figures: objects, lines, missing, duplicated."""
+    import re
+    from collections import Counter
+
+    from sidecar.archiver import utc_day
+    from sidecar.events import occurred_at_ms
+
+    pattern = re.compile(KEY_RE.format(prefix=re.escape(prefix)))
+    seen: Counter[bytes] = Counter()
+    for key, body in objects.items():
+        match = pattern.match(key)
+        assert match, f"key {key!r} is not in the seed layout"
+        assert body.endswith(b"\n"), key
+        for line in body.split(b"\n")[:-1]:
+            data = orjson.loads(line)
+            assert data["project"] == match.group(1), key
+            assert utc_day(occurred_at_ms(data["occurredAt"])) == match.group(2), key
+            seen[line] += 1
+    wanted = Counter(valid_raw)
+    missing = sum((wanted - seen).values())
+    duplicated = sum((seen - wanted).values())
+    figures = {
+        "objects": len(objects),
+        "lines": sum(seen.values()),
+        "missing": missing,
+        "duplicated": duplicated,
+    }
+    assert missing == 0 and duplicated == 0, figures
+    return figures

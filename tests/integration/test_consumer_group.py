@@ -53,6 +53,7 @@ async def test_entries_of_a_dead_consumer_are_claimed(
     assert len(await read_without_ack(redis_client, "dead-pod")) == 10
     async with running_sidecar(redis_url, redis_consumer_name="live-pod", redis_claim_idle_ms=1000):
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="claimed")
+
         # the dead consumer, now without pending entries, is eventually removed
         async def dead_consumer_gone() -> bool:
             names = [c["name"] for c in await redis_client.xinfo_consumers(STREAM, PROJECTOR)]
@@ -68,7 +69,10 @@ async def test_two_projectors_in_one_group_reach_the_same_state_as_one(
 ) -> None:
     events = []
     for n in range(300):
-        events += [event(f"r{n % 50}", "in_progress", 1000 + n), event(f"r{n % 50}", "success", 1000 + n)]
+        events += [
+            event(f"r{n % 50}", "in_progress", 1000 + n),
+            event(f"r{n % 50}", "success", 1000 + n),
+        ]
     async with (
         running_sidecar(redis_url, redis_consumer_name="a", redis_batch_size=7),
         running_sidecar(redis_url, redis_consumer_name="b", redis_batch_size=11),
@@ -99,9 +103,9 @@ async def test_redis_restart_mid_run_loses_nothing_and_readiness_follows(
             await client.aclose()
             persistent_server.stop()
             await wait_for(lambda: bool(sidecar.readiness_problems()), message="not ready")
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{sidecar.http_port}/readyz") as response:
-                    assert response.status == 503
+            ready_url = f"http://127.0.0.1:{sidecar.http_port}/readyz"
+            async with aiohttp.ClientSession() as http, http.get(ready_url) as response:
+                assert response.status == 503
             persistent_server.start()
             client = aioredis.Redis.from_url(url)
             await publish(client, STREAM, second)

@@ -85,7 +85,9 @@ async def test_hash_holds_every_top_level_field_plus_ms_and_stream_id(
 async def test_older_event_does_not_lower_the_project_index_score(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    await project(redis_url, redis_client, [event("x", "success", 2000), event("x", "in_progress", 1000)])
+    await project(
+        redis_url, redis_client, [event("x", "success", 2000), event("x", "in_progress", 1000)]
+    )
     score = await redis_client.zscore("task-tracking:project:my-org/my-repo:executions", "x")
     assert score == 2000
 

@@ -1,0 +1,276 @@
+"""The archiver's runtime switch: start, stop and reconfigure archival while the process runs.
+
+One long-lived supervisor task owns the archiver's runner; callers (start-up,
+the custom-resource watch, tests) send it an `ArchiveTarget` and wait for the
+answer. Stopping an archiver flushes its buffers and acknowledges them before
+the next one starts, so a switch neither loses nor duplicates events. Worker
+tasks are created by the supervisor, never from a kopf handler, so kopf's
+shutdown (which cancels tasks created after it started) cannot cut a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from redis.asyncio import Redis, RedisCluster
+
+from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
+from sidecar.config import Settings
+from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
+from sidecar.metrics import Metrics
+from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError, s3_client_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """What a TaskTracking's ``spec.archive`` asks for (camelCase in the resource)."""
+
+    enabled: bool
+    bucket: str | None
+    prefix: str
+    region: str | None = None
+    endpoint_url: str | None = None
+    flush_max_events: int | None = None
+    flush_max_bytes: int | None = None
+    flush_max_age_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ArchiveState:
+    """What the runtime runs after a reconfiguration, as reported in the status entry."""
+
+    archiving: bool
+    bucket: str | None
+    prefix: str | None
+    last_error: str | None
+
+
+class ArchiveControl(Protocol):
+    """The runtime's reconfigure path, shared by the operator and the CLI."""
+
+    async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
+        """Apply a spec; None means the resource is gone: back to the environment config.
+
+        Raises ValueError, or returns a state with ``last_error``, on an unusable spec; the
+        runtime keeps its last good configuration either way.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ArchiveTarget:
+    """Where and how to archive; `enabled=False` means no archiver runs."""
+
+    enabled: bool
+    sink: Literal["s3", "folder"] = "s3"
+    bucket: str | None = None
+    folder: Path | None = None
+    prefix: str = "task-tracking"
+    region: str | None = None
+    endpoint_url: str | None = None
+    policy: FlushPolicy = field(default_factory=FlushPolicy)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArchiveTarget:
+        return cls(
+            enabled=settings.s3_archive_enabled,
+            sink=settings.archive_sink,
+            bucket=settings.s3_bucket,
+            folder=settings.archive_folder,
+            prefix=settings.s3_prefix,
+            region=settings.s3_region,
+            endpoint_url=settings.s3_endpoint_url,
+            policy=FlushPolicy(
+                max_events=settings.archive_flush_max_events,
+                max_bytes=settings.archive_flush_max_bytes,
+                max_age_seconds=settings.archive_flush_max_age_seconds,
+            ),
+        )
+
+    @property
+    def label(self) -> str:
+        """The bucket (or folder) for logs and the archive_enabled metric."""
+        return str(self.folder) if self.sink == "folder" else str(self.bucket)
+
+
+class S3Clients:
+    """One aiobotocore client per (region, endpoint) for the life of the process."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._clients: dict[tuple[str | None, str | None], Any] = {}
+
+    async def get(self, region: str | None, endpoint_url: str | None) -> Any:
+        key = (region, endpoint_url)
+        if key not in self._clients:
+            context = s3_client_context(region=region, endpoint_url=endpoint_url)
+            self._clients[key] = await self._stack.enter_async_context(context)
+        return self._clients[key]
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._clients.clear()
+
+
+@dataclass
+class _Request:
+    target: ArchiveTarget | None  # None: stop the supervisor
+    check: bool
+    reply: asyncio.Future[str | None]
+
+
+class ArchiveSwitch:
+    """Owns the archiver; `apply(target)` switches it, `run()` is the supervisor task."""
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        settings: Settings,
+        metrics: Metrics,
+        s3_clients: S3Clients,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.metrics = metrics
+        self.s3_clients = s3_clients
+        self.target = ArchiveTarget(enabled=False)
+        self.runner: ConsumerGroupRunner | None = None
+        self.archiver: S3TaskHistoryArchiver | None = None
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+
+    async def apply(self, target: ArchiveTarget, *, check: bool = True) -> str | None:
+        """Switch to `target`; returns None, or why the target was refused.
+
+        With `check`, an enabled target must pass a write check first (bucket
+        exists, access allowed); when it does not, the current archiver stays.
+        """
+        reply: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        await self._requests.put(_Request(target, check, reply))
+        return await reply
+
+    async def run(self) -> None:
+        """The supervisor: applies requests one at a time until `close()`."""
+        try:
+            while True:
+                request = await self._requests.get()
+                if request.target is None:
+                    request.reply.set_result(None)
+                    return
+                try:
+                    error = await self._switch(request.target, check=request.check)
+                except Exception as exc:  # a bug must not kill the supervisor
+                    log.exception("archive switch failed")
+                    error = f"{type(exc).__name__}: {exc}"
+                if not request.reply.done():
+                    request.reply.set_result(error)
+        finally:
+            await self._stop_runner()
+
+    async def close(self) -> None:
+        """Flush and stop the archiver, then end the supervisor."""
+        reply: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        await self._requests.put(_Request(None, False, reply))
+        await reply
+
+    def health(self) -> str | None:
+        """None when archival is off or working; else why it is not."""
+        if not self.target.enabled or self.runner is None:
+            return None
+        if self._task is not None and self._task.done():
+            return "archiver task ended unexpectedly"
+        if not self.runner.ready.is_set():
+            return self.runner.failure or "archiver not ready yet"
+        return None
+
+    async def _switch(self, target: ArchiveTarget, *, check: bool) -> str | None:
+        if target == self.target and (self.runner is not None or not target.enabled):
+            return None
+        sink = None
+        if target.enabled:
+            try:
+                sink = await self._sink(target)
+                if check:
+                    await sink.check()
+            except SinkError as exc:
+                self.last_error = str(exc)
+                log.error("archive configuration refused, keeping the current one: %s", exc)
+                return str(exc)
+        await self._stop_runner()
+        self.metrics.archive_enabled.clear()
+        self.target = target
+        self.last_error = None
+        if sink is not None:
+            self._start_runner(target, sink)
+            self.metrics.archive_enabled.labels(target.label).set(1)
+            log.info(
+                "archival on: %s prefix %s (flush at %d events, %d bytes or %.0f s)",
+                sink.description,
+                target.prefix,
+                target.policy.max_events,
+                target.policy.max_bytes,
+                target.policy.max_age_seconds,
+            )
+        else:
+            self.metrics.archive_enabled.labels("").set(0)
+            log.info("archival off")
+        return None
+
+    async def _sink(self, target: ArchiveTarget) -> ArchiveSink:
+        if target.sink == "folder":
+            if target.folder is None:
+                raise SinkError("archive folder is not set", "config", configuration=True)
+            return FolderSink(target.folder)
+        if not target.bucket:
+            raise SinkError(
+                "archival is enabled but no bucket is set", "config", configuration=True
+            )
+        client = await self.s3_clients.get(target.region, target.endpoint_url)
+        return S3Sink(client, target.bucket)
+
+    def _start_runner(self, target: ArchiveTarget, sink: ArchiveSink) -> None:
+        settings = self.settings
+        group = settings.redis_archiver_consumer_group
+        self.archiver = S3TaskHistoryArchiver(
+            sink,
+            self.metrics,
+            stream=settings.redis_stream_key,
+            prefix=target.prefix,
+            policy=target.policy,
+            group=group,
+        )
+        self.runner = ConsumerGroupRunner(
+            self.redis,
+            stream=settings.redis_stream_key,
+            group=group,
+            consumer=settings.redis_consumer_name,
+            handler=self.archiver,
+            metrics=self.metrics,
+            options=replace(runner_options(settings), dead_letter=False),
+        )
+        self._task = asyncio.create_task(self.runner.run(), name="archiver")
+
+    async def _stop_runner(self) -> None:
+        if self.runner is None or self._task is None:
+            return
+        await self.runner.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.runner = self.archiver = self._task = None
+
+
+def runner_options(settings: Settings) -> RunnerOptions:
+    return RunnerOptions(
+        batch_size=settings.redis_batch_size,
+        block_ms=settings.redis_block_ms,
+        claim_idle_ms=settings.redis_claim_idle_ms,
+    )

@@ -1,0 +1,224 @@
+"""`S3TaskHistoryArchiver`: immutable JSONL batches of events, exactly once.
+
+Events are buffered per project and UTC day and written as one object when a
+buffer reaches a count, a byte size or an age. Exactly once rests on three
+rules (README, "Exactly once"):
+
+1. An object's key is derived from the stream ID of its first entry, so the
+   same first entry always names the same object.
+2. Objects are created only if absent. When the key exists, the existing
+   object is read back: it holds a run of entries starting at that first
+   entry, and those entries are acknowledged instead of being written again.
+3. The entries of one (project, day) in a consumer's pending list are always
+   a sequence of such runs: buffers are flushed in stream order, and pending
+   lists (own on start, a dead consumer's on claim) are settled whole, apart
+   from the consumer's own buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sidecar.consumer import WorkerError
+from sidecar.events import ValidEvent
+from sidecar.metrics import Metrics
+from sidecar.sinks import ArchiveSink, SinkError
+
+log = logging.getLogger(__name__)
+
+BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# Everything buffered is flushed when the buffers together reach this many bytes.
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FlushPolicy:
+    """When a buffer becomes an object: whichever limit is reached first."""
+
+    max_events: int = 5000
+    max_bytes: int = 8 * 1024 * 1024
+    max_age_seconds: float = 30.0
+
+
+class ArchiveIntegrityError(WorkerError):
+    """An existing object does not hold the entries its key says it starts with."""
+
+
+@dataclass
+class ArchiveBatch:
+    """Events of one project and UTC day waiting to be written."""
+
+    project: str
+    day: str
+    started: float = field(default_factory=time.monotonic)
+    events: list[ValidEvent] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, event: ValidEvent) -> None:
+        self.events.append(event)
+        self.size += len(event.raw) + 1
+
+
+def utc_day(occurred_at_ms: int) -> str:
+    return datetime.fromtimestamp(occurred_at_ms / 1000, UTC).strftime("%Y-%m-%d")
+
+
+def object_key(prefix: str, project: str, day: str, stream: str, first_entry_id: str) -> str:
+    """`<prefix>/<owner>/<repo>/<YYYY-MM-DD>/events-<13-digit ms>-<6 char suffix>.jsonl`.
+
+    Both the timestamp and the suffix derive from the first entry's stream ID."""
+    millis = int(first_entry_id.split("-", 1)[0])
+    digest = int.from_bytes(hashlib.sha256(f"{stream}\n{first_entry_id}".encode()).digest()[:8])
+    suffix = ""
+    for _ in range(6):
+        digest, digit = divmod(digest, 36)
+        suffix += BASE36[digit]
+    return f"{prefix}/{project}/{day}/events-{millis:013d}-{suffix}.jsonl"
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+class S3TaskHistoryArchiver:
+    """Writes buffered events to an `ArchiveSink`; a `BatchHandler` for the runner."""
+
+    def __init__(
+        self,
+        sink: ArchiveSink,
+        metrics: Metrics,
+        *,
+        stream: str,
+        prefix: str,
+        policy: FlushPolicy,
+        group: str = "task-history-archiver",
+    ) -> None:
+        self.sink = sink
+        self.metrics = metrics
+        self.stream = stream
+        self.prefix = prefix
+        self.policy = policy
+        self.group = group
+        self._batches: dict[tuple[str, str], ArchiveBatch] = {}
+        self._buffered_ids: set[str] = set()
+        self._buffered_bytes = 0
+        self._done: list[str] = []  # written, not yet handed back for acknowledgement
+
+    async def prepare(self) -> None:
+        try:
+            await self.sink.check()
+        except SinkError as exc:
+            self.metrics.archive_failures.labels(exc.reason).inc()
+            raise
+
+    def add(self, events: Sequence[ValidEvent]) -> None:
+        for event in events:
+            if event.entry_id in self._buffered_ids:
+                continue  # re-read after a lost connection: already buffered
+            day = utc_day(event.occurred_at_ms)
+            batch = self._batches.get((event.project, day))
+            if batch is None:
+                batch = self._batches[event.project, day] = ArchiveBatch(event.project, day)
+            batch.add(event)
+            self._buffered_ids.add(event.entry_id)
+            self._buffered_bytes += len(event.raw) + 1
+
+    def seconds_until_due(self) -> float | None:
+        if not self._batches:
+            return None
+        oldest = min(batch.started for batch in self._batches.values())
+        return max(0.0, oldest + self.policy.max_age_seconds - time.monotonic())
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffered_ids)
+
+    async def flush(self, *, force: bool) -> list[str]:
+        """Write every due batch (all of them with force); return the IDs now durable."""
+        force = force or self._buffered_bytes >= MAX_BUFFERED_BYTES
+        now = time.monotonic()
+        for key, batch in sorted(self._batches.items()):
+            aged = now - batch.started >= self.policy.max_age_seconds
+            if force or aged or self._full(batch):
+                # A batch over its limits writes its full objects and keeps the rest.
+                await self._write(batch, complete=force or aged)
+                if not batch.events:
+                    del self._batches[key]
+        done, self._done = self._done, []
+        return done
+
+    def _full(self, batch: ArchiveBatch) -> bool:
+        return len(batch.events) >= self.policy.max_events or batch.size >= self.policy.max_bytes
+
+    async def _write(self, batch: ArchiveBatch, *, complete: bool) -> None:
+        """Write a batch as one or more objects, each a run of entries in stream order.
+
+        Progress is kept in the batch: after a failure, a retry resumes at the
+        first entry not yet written, which is where the next object starts.
+        """
+        batch.events.sort(key=lambda event: stream_order(event.entry_id))
+        while batch.events:
+            run = self._next_run(batch.events)
+            if not complete and len(run) == len(batch.events) and not self._full(batch):
+                return
+            first = run[0]
+            key = object_key(self.prefix, batch.project, batch.day, self.stream, first.entry_id)
+            body = b"".join(event.raw + b"\n" for event in run)
+            started = time.monotonic()
+            try:
+                created = await self.sink.create_if_absent(key, body)
+                if not created:
+                    run = await self._already_written(key, batch.events)
+            except SinkError as exc:
+                self.metrics.archive_failures.labels(exc.reason).inc()
+                raise
+            if created:
+                self.metrics.archive_objects.inc()
+                self.metrics.archive_bytes.inc(len(body))
+                self.metrics.archive_upload_seconds.observe(time.monotonic() - started)
+                log.debug("archived %d events to %s", len(run), key)
+            else:
+                self.metrics.archive_already_present.inc()
+                log.info("%s already holds %d of these events (earlier attempt)", key, len(run))
+            self._record_done(run)
+            del batch.events[: len(run)]
+            batch.size -= sum(len(event.raw) + 1 for event in run)
+
+    def _next_run(self, events: list[ValidEvent]) -> list[ValidEvent]:
+        size = 0
+        for count, event in enumerate(events):
+            size += len(event.raw) + 1
+            if count and (count >= self.policy.max_events or size > self.policy.max_bytes):
+                return events[:count]
+        return events
+
+    async def _already_written(self, key: str, events: list[ValidEvent]) -> list[ValidEvent]:
+        """The leading events that the existing object at `key` already holds."""
+        lines = (await self.sink.read(key)).split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        count = min(len(lines), len(events))
+        if [event.raw for event in events[:count]] != lines[:count]:
+            raise ArchiveIntegrityError(
+                f"{self.sink.description}/{key} exists but does not start with entry"
+                f" {events[0].entry_id}; was the prefix shared with another stream?"
+            )
+        return events[:count]
+
+    def _record_done(self, run: list[ValidEvent]) -> None:
+        now = time.time()
+        latency = self.metrics.end_to_end_latency.labels(self.group)
+        age = self.metrics.event_age.labels(self.group)
+        for event in run:
+            self._buffered_ids.discard(event.entry_id)
+            self._buffered_bytes -= len(event.raw) + 1
+            self._done.append(event.entry_id)
+            latency.observe(max(0.0, now - stream_order(event.entry_id)[0] / 1000))
+            age.observe(max(0.0, now - event.occurred_at_ms / 1000))
+        self.metrics.applied.labels(self.group).inc(len(run))

@@ -1,0 +1,282 @@
+"""`task-tracking`: run the sidecar, try it locally, publish and read events, replay the archive."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.events import describe_event_error
+from sidecar.logs import configure_logging
+
+# Where `task-tracking dev` leaves its Redis URL, so the other commands find it.
+DEV_URL_FILE = Path(tempfile.gettempdir()) / "task-tracking-dev.url"
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.command
+    try:
+        return asyncio.run(command(args))
+    except ConfigError as exc:
+        print(f"task-tracking: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="task-tracking",
+        description="Task tracking sidecar: Redis Stream -> latest-status projection + S3 archive.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the sidecar (configured by TASK_TRACKING_* variables)"
+    )
+    run.set_defaults(command=cmd_run)
+
+    dev = commands.add_parser(
+        "dev", help="run the sidecar on embedded defaults: private Valkey, local-folder archive"
+    )
+    dev.add_argument("--archive-folder", type=Path, default=Path("task-tracking-archive"))
+    dev.set_defaults(command=cmd_dev)
+
+    emit = commands.add_parser("emit", help="publish one event")
+    emit.add_argument("--execution-id", required=True)
+    emit.add_argument("--task", dest="task_name", required=True, help="taskName")
+    emit.add_argument("--project", required=True, help="owner/repo")
+    emit.add_argument("--status", required=True, choices=["in_progress", "success", "error"])
+    emit.add_argument("--occurred-at", help="ISO-8601 with timezone or epoch ms (default: now)")
+    emit.add_argument("--flow")
+    emit.add_argument("--pr-link", action="append", dest="pr_links")
+    emit.add_argument(
+        "--responsible-users-file", type=Path, help="JSON list for visibility.responsibleUsers"
+    )
+    emit.set_defaults(command=cmd_emit)
+
+    status = commands.add_parser("status", help="show the projected state of one execution")
+    status.add_argument("execution_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(command=cmd_status)
+
+    listing = commands.add_parser("list", help="list a project's executions, newest first")
+    listing.add_argument("project", help="owner/repo")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(command=cmd_list)
+
+    replay = commands.add_parser(
+        "replay", help="rebuild the projection from the archive (idempotent, safe on a live one)"
+    )
+    replay.add_argument("--project", help="only this owner/repo")
+    replay.add_argument("--since", help="first UTC day, YYYY-MM-DD")
+    replay.add_argument("--until", help="last UTC day, YYYY-MM-DD")
+    replay.add_argument("--no-progress", action="store_true")
+    replay.set_defaults(command=cmd_replay)
+    return parser
+
+
+def client_settings(**overrides: Any) -> Settings:
+    """Settings for the client commands: the environment, else the running `dev` sidecar."""
+    if "TASK_TRACKING_REDIS_URL" not in os.environ and DEV_URL_FILE.exists():
+        overrides.setdefault("redis_url", DEV_URL_FILE.read_text().strip())
+    return load_settings(**overrides)
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    await serve(settings)
+    return 0
+
+
+async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> None:
+    """Run a sidecar until SIGTERM or SIGINT, then drain and return."""
+    from sidecar.runtime import Sidecar, run_until_signalled
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    sidecar = Sidecar(settings)
+    if on_started is None:
+        await run_until_signalled(sidecar, stop)
+        return
+    await sidecar.start()
+    try:
+        on_started()
+        await stop.wait()
+    finally:
+        await sidecar.stop()
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from sidecar.devserver import DevServer
+
+    configure_logging(os.environ.get("TASK_TRACKING_LOG_LEVEL", "info"), json=False)
+    with contextlib.ExitStack() as stack:
+        url = os.environ.get("TASK_TRACKING_REDIS_URL")
+        if not url:
+            server = stack.enter_context(DevServer())
+            url = server.url
+            DEV_URL_FILE.write_text(url)
+            stack.callback(DEV_URL_FILE.unlink, missing_ok=True)
+        folder = args.archive_folder.resolve()
+        settings = load_settings(
+            redis_url=url,
+            s3_archive_enabled=True,
+            archive_sink="folder",
+            archive_folder=folder,
+            archive_flush_max_age_seconds=5,
+        )
+
+        def explain() -> None:
+            print(DEV_HELP.format(url=url, folder=folder, port=settings.http_port), flush=True)
+
+        await serve(settings, on_started=explain)
+    return 0
+
+
+DEV_HELP = """
+task-tracking dev is running.
+  Redis (private Valkey): {url}
+  archive folder:         {folder}
+  metrics / health:       http://127.0.0.1:{port}/metrics  /healthz  /readyz
+
+In another terminal (the commands find this Redis by themselves):
+  task-tracking emit --execution-id demo-1 --task deploy --project my-org/my-repo \\
+      --status in_progress
+  task-tracking status demo-1
+  task-tracking emit --execution-id demo-1 --task deploy --project my-org/my-repo --status success
+  task-tracking status demo-1
+  task-tracking list my-org/my-repo
+Archive objects appear under the folder within 5 s. Ctrl-C stops (and flushes).
+"""
+
+
+async def cmd_emit(args: argparse.Namespace) -> int:
+    from sidecar.connections import connect
+    from sidecar.publisher import RedisTaskTrackingService, load_responsible_users
+
+    settings = client_settings()
+    users = None
+    if args.responsible_users_file is not None:
+        try:
+            users = load_responsible_users(args.responsible_users_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--responsible-users-file: {exc}") from None
+    redis = connect(settings.redis_url)
+    try:
+        service = RedisTaskTrackingService(
+            redis, settings.redis_stream_key, responsible_users=users
+        )
+        extra: dict[str, Any] = {}
+        if args.flow:
+            extra["flow"] = args.flow
+        if args.pr_links:
+            extra["prLinks"] = args.pr_links
+        occurred_at: str | int | None = args.occurred_at
+        if isinstance(occurred_at, str) and occurred_at.isdigit():
+            occurred_at = int(occurred_at)
+        try:
+            event = service.build(
+                execution_id=args.execution_id,
+                task_name=args.task_name,
+                project=args.project,
+                status=args.status,
+                occurred_at=occurred_at,
+                **extra,
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"invalid event: {describe_event_error(exc)}") from None
+        entry_id = await service.emit(event)
+    finally:
+        await redis.aclose()
+    print(f"{entry_id} {event.status} {event.execution_id}")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.connections import connect
+    from sidecar.keys import execution_key
+
+    settings = client_settings()
+    redis = connect(settings.redis_url, decode_responses=True)
+    try:
+        state: Any = await redis.hgetall(execution_key(args.execution_id))
+    finally:
+        await redis.aclose()
+    if not state:
+        print(f"no execution {args.execution_id!r} in the projection", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
+    else:
+        width = max(len(name) for name in state)
+        for name, value in state.items():
+            print(f"{name:<{width}}  {value}")
+    return 0
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    from sidecar.connections import connect
+    from sidecar.keys import execution_key, project_index_key
+
+    settings = client_settings()
+    redis = connect(settings.redis_url, decode_responses=True)
+    try:
+        ids: Any = await redis.zrevrange(project_index_key(args.project), 0, args.limit - 1)
+        rows = []
+        for execution_id in ids:
+            fields = ("taskName", "status", "occurredAt", "eventId")
+            values = await redis.hmget(execution_key(execution_id), fields)
+            rows.append({"executionId": execution_id, **dict(zip(fields, values, strict=True))})
+    finally:
+        await redis.aclose()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if not rows:
+        print(f"no executions for {args.project}")
+        return 0
+    header = ["executionId", "taskName", "status", "occurredAt"]
+    table = [header] + [[str(row.get(column) or "-") for column in header] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    from sidecar.replay import replay_archive
+    from sidecar.sinks import SinkError
+
+    settings = client_settings()
+    configure_logging(settings.log_level, json=False)
+    try:
+        summary = await replay_archive(
+            settings,
+            project=args.project,
+            since=args.since,
+            until=args.until,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except SinkError as exc:
+        raise ConfigError(str(exc)) from None
+    print(summary.describe())
+    return 0 if summary.failed_objects == 0 else 1

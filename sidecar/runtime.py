@@ -1,0 +1,225 @@
+"""The sidecar's lifecycle: what starts, in which order, and how it stops.
+
+Start: Redis client, metrics, HTTP server, projector runner, archive switch
+(with the environment's target), statistics sampler, then the custom-resource
+watch. Stop, in reverse: the watch is asked to stop, the workers drain (finish
+the batch in hand, flush, acknowledge), then the watch and the HTTP server end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.archive_switch import (
+    ArchiveSpec,
+    ArchiveState,
+    ArchiveSwitch,
+    ArchiveTarget,
+    S3Clients,
+    runner_options,
+)
+from sidecar.archiver import FlushPolicy
+from sidecar.config import Settings
+from sidecar.connections import connect
+from sidecar.consumer import ConsumerGroupRunner
+from sidecar.http import build_app
+from sidecar.metrics import Metrics
+from sidecar.projector import RedisTaskStatusProjector
+from sidecar.stream_stats import StreamStatsSampler
+
+log = logging.getLogger(__name__)
+
+# /healthz fails when the event loop has not ticked for this long.
+LOOP_STALL_SECONDS = 10.0
+
+
+class Sidecar:
+    """One sidecar: projector, archiver, statistics, HTTP and the resource watch."""
+
+    def __init__(self, settings: Settings, *, stats_interval: float = 5.0) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.redis = connect(settings.redis_url)
+        self.s3_clients = S3Clients()
+        self.projector = RedisTaskStatusProjector(
+            self.redis,
+            self.metrics,
+            group=settings.redis_projector_consumer_group,
+            finished_ttl_seconds=settings.projection_ttl_seconds,
+        )
+        self.projector_runner = ConsumerGroupRunner(
+            self.redis,
+            stream=settings.redis_stream_key,
+            group=settings.redis_projector_consumer_group,
+            consumer=settings.redis_consumer_name,
+            handler=self.projector,
+            metrics=self.metrics,
+            options=runner_options(settings),
+        )
+        self.archive = ArchiveSwitch(self.redis, settings, self.metrics, self.s3_clients)
+        self.stats = StreamStatsSampler(
+            self.redis,
+            self.metrics,
+            stream=settings.redis_stream_key,
+            groups=[
+                settings.redis_projector_consumer_group,
+                settings.redis_archiver_consumer_group,
+            ],
+            interval=stats_interval,
+        )
+        self.watch: Any = None  # sidecar.operator.ResourceWatch when a resource is watched
+        self.http_port: int | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._http: web.AppRunner | None = None
+        self._last_tick = time.monotonic()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        self._http = web.AppRunner(build_app(self), handle_signals=False)
+        await self._http.setup()
+        site = web.TCPSite(self._http, "0.0.0.0", self.settings.http_port)
+        await site.start()
+        self.http_port = self._http.addresses[0][1]
+        self._spawn("projector", self.projector_runner.run)
+        self._spawn("archive-switch", self.archive.run)
+        self._spawn("stream-stats", self.stats.run)
+        self._spawn("loop-ticker", self._tick)
+        environment_target = ArchiveTarget.from_settings(self.settings)
+        # The environment's target is not write-checked: a bad bucket shows in
+        # /readyz and the logs while entries wait in the stream.
+        await self.archive.apply(environment_target, check=False)
+        await self._start_watch()
+        log.info(
+            "sidecar started: stream %s, consumer %s, http :%s",
+            self.settings.redis_stream_key,
+            self.settings.redis_consumer_name,
+            self.http_port,
+        )
+
+    async def stop(self) -> None:
+        """Drain the workers, then stop the watch, the statistics and the HTTP server."""
+        log.info("stopping: draining workers")
+        await self.projector_runner.stop()
+        await asyncio.gather(self._join("projector"), self.archive.close(), return_exceptions=True)
+        await self._join("archive-switch")
+        if self.watch is not None:
+            await self.watch.stop()
+            await self._join("watch")
+        for name in ("stream-stats", "loop-ticker"):
+            self._tasks[name].cancel()
+            await self._join(name)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.s3_clients.close()
+        await self.redis.aclose()
+        log.info("stopped")
+
+    async def _start_watch(self) -> None:
+        if not self.settings.resource_name:
+            return
+        from sidecar.operator import ResourceWatch  # imports kopf: only when watching
+
+        self.watch = ResourceWatch(
+            self,
+            resource_name=self.settings.resource_name,
+            namespace=self.settings.pod_namespace,
+            pod_name=self.settings.redis_consumer_name,
+        )
+        self._spawn("watch", self.watch.run)
+
+    def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        async def guarded() -> None:
+            try:
+                await run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s task died", name)
+                raise
+
+        self._tasks[name] = asyncio.create_task(guarded(), name=name)
+
+    async def _join(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _tick(self) -> None:
+        while True:
+            self._last_tick = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    # ---- health ----------------------------------------------------------
+
+    def liveness_problems(self) -> list[str]:
+        problems = [f"{name} task ended" for name, task in self._tasks.items() if task.done()]
+        stalled = time.monotonic() - self._last_tick
+        if stalled > LOOP_STALL_SECONDS:
+            problems.append(f"event loop stalled for {stalled:.0f}s")
+        return problems
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        if not self.projector_runner.ready.is_set():
+            reason = self.projector_runner.failure or "consumer group not ready yet"
+            problems.append(f"projector: {reason}")
+        archive = self.archive.health()
+        if archive is not None:
+            problems.append(f"archiver: {archive}")
+        self.metrics.ready.set(0 if problems else 1)
+        return problems
+
+    # ---- reconfiguration (the custom-resource watch and tests) ------------
+
+    async def apply_archive_target(self, target: ArchiveTarget | None) -> str | None:
+        """Switch archival; None goes back to the environment. Returns why it was refused."""
+        if target is None:
+            return await self.archive.apply(ArchiveTarget.from_settings(self.settings))
+        return await self.archive.apply(target)
+
+    async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
+        """The custom resource's path into `apply_archive_target` (an `ArchiveControl`)."""
+        target = None if spec is None else self._target_of(spec)
+        error = await self.apply_archive_target(target)
+        current = self.archive.target
+        return ArchiveState(
+            archiving=current.enabled,
+            bucket=current.label if current.enabled else current.bucket,
+            prefix=current.prefix,
+            last_error=error,
+        )
+
+    def _target_of(self, spec: ArchiveSpec) -> ArchiveTarget:
+        environment = ArchiveTarget.from_settings(self.settings)
+        policy = environment.policy
+        return ArchiveTarget(
+            enabled=spec.enabled,
+            sink="s3",
+            bucket=spec.bucket,
+            prefix=spec.prefix,
+            region=spec.region or environment.region,
+            endpoint_url=spec.endpoint_url or environment.endpoint_url,
+            policy=FlushPolicy(
+                max_events=spec.flush_max_events or policy.max_events,
+                max_bytes=spec.flush_max_bytes or policy.max_bytes,
+                max_age_seconds=spec.flush_max_age_seconds or policy.max_age_seconds,
+            ),
+        )
+
+
+async def run_until_signalled(sidecar: Sidecar, stop: asyncio.Event) -> None:
+    """Start, wait for `stop`, stop."""
+    await sidecar.start()
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()
