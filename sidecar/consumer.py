@@ -229,27 +229,16 @@ class ConsumerGroupRunner:
         due = self.handler.seconds_until_due()
         if due is not None:
             block = max(1, min(block, int(due * 1000)))
-        read = asyncio.ensure_future(
-            self.redis.xreadgroup(
-                self.group,
-                self.consumer,
-                {self.stream: ">"},
-                count=self.options.batch_size,
-                block=block,
-            )
+        # Not cancelled on stop: a cancelled command can leave redis-py's
+        # connection unusable, and what this read returns is still processed
+        # (the batch in hand). Stopping waits at most one block.
+        response: Any = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.options.batch_size,
+            block=block,
         )
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not read.done():
-            # Entries the server delivered but we never received stay pending
-            # for this consumer and are re-read on its next start.
-            read.cancel()
-            await asyncio.gather(read, return_exceptions=True)
-            return []
-        response: Any = read.result()
         return response[0][1] if response else []
 
     async def _process(

@@ -9,7 +9,6 @@ the batch in hand, flush, acknowledge), then the watch and the HTTP server end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # /healthz fails when the event loop has not ticked for this long.
 LOOP_STALL_SECONDS = 10.0
+# Stop never waits longer than this for one task (the drain budget is 10 s).
+STOP_TIMEOUT_SECONDS = 8.0
 
 
 class Sidecar:
@@ -113,9 +114,10 @@ class Sidecar:
         if self.watch is not None:
             await self.watch.stop()
             await self._join("watch")
-        for name in ("stream-stats", "loop-ticker"):
-            self._tasks[name].cancel()
-            await self._join(name)
+        self.stats.stop()
+        await self._join("stream-stats")
+        self._tasks["loop-ticker"].cancel()
+        await self._join("loop-ticker")
         if self._http is not None:
             await self._http.cleanup()
         await self.s3_clients.close()
@@ -149,9 +151,15 @@ class Sidecar:
 
     async def _join(self, name: str) -> None:
         task = self._tasks.get(name)
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.error("%s did not stop within %ss; abandoning it", name, STOP_TIMEOUT_SECONDS)
+            task.cancel()
+        except (asyncio.CancelledError, Exception):
+            pass  # its failure was logged when it died
 
     async def _tick(self) -> None:
         while True:

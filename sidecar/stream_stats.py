@@ -7,6 +7,7 @@ scrape storm costs Redis nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -42,14 +43,20 @@ class StreamStatsSampler:
         self.groups = groups
         self.interval = interval
         self.last: dict[str, dict[str, float]] = {}  # group -> {"lag", "pending", ...}
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
+        """Sample every `interval` seconds until `stop()`."""
+        while not self._stopping.is_set():
             try:
                 await self.sample()
             except (RedisError, OSError) as exc:
                 log.debug("stream statistics unavailable: %s", exc)
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+
+    def stop(self) -> None:
+        self._stopping.set()
 
     async def sample(self) -> None:
         """Read the statistics once and set the gauges."""

@@ -194,7 +194,7 @@ def sidecar_settings(redis_url: str, **overrides: Any):  # type: ignore[no-untyp
     """Settings for an in-process sidecar: free HTTP port, quick blocking reads."""
     from sidecar.config import load_settings
 
-    values: dict[str, Any] = {"redis_url": redis_url, "http_port": 0, "redis_block_ms": 500}
+    values: dict[str, Any] = {"redis_url": redis_url, "http_port": 0, "redis_block_ms": 200}
     values.update(overrides)
     return load_settings({}, **values)
 
