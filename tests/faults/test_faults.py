@@ -1,0 +1,245 @@
+"""Fault injection: sidecars run as subprocesses while a producer keeps adding events.
+
+Each scenario ends with the same invariant check: the projection is what the
+ordering key demands from every valid event; every valid event is in exactly
+one archived object; every invalid entry is in the dead-letter stream, once;
+nothing is left pending. The figures are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.devserver import DevServer
+from tests.conftest import MotoServer, s3_environment, start_server
+from tests.helpers import (
+    SidecarProcess,
+    archive_objects_s3,
+    check_exactly_once,
+    event,
+    expected_projection,
+    group_done,
+    projection,
+    sidecar_env,
+    wait_for,
+)
+from tests.s3proxy import S3Proxy
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+STREAM = "task-events:v1"
+PROJECTOR = "task-status-projector"
+ARCHIVER = "task-history-archiver"
+BUCKET = "history"
+DAY = 86_400_000
+T0 = 1_773_568_800_000
+
+
+class Producer:
+    """Publishes a steady mix of valid and invalid events, recording what entered the stream."""
+
+    def __init__(self, url: str, seed: int, rate: int = 400) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.rng = random.Random(seed)
+        self.rate = rate
+        self.valid: list[dict[str, Any]] = []
+        self.valid_raw: list[bytes] = []
+        self.invalid_ids: list[str] = []
+        self.paused = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._n = 0
+
+    def _next(self) -> bytes | dict[str, Any]:
+        self._n += 1
+        if self.rng.random() < 0.1:
+            return self.rng.choice(
+                [b"not json", b"[]", orjson.dumps(event(project="../x")), b'{"eventId": 1}']
+            )
+        execution = f"f{self.rng.randrange(300)}"
+        return event(
+            execution,
+            self.rng.choice(["in_progress", "success", "error"]),
+            T0 + self.rng.randrange(3) * DAY + self.rng.randrange(5000),
+            project=f"org{self.rng.randrange(4)}/repo",
+        )
+
+    async def run(self) -> None:
+        batch = max(1, self.rate // 20)
+        while True:
+            if self.paused.is_set():
+                await asyncio.sleep(0.05)
+                continue
+            items = [self._next() for _ in range(batch)]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for item in items:
+                        payload = orjson.dumps(item) if isinstance(item, dict) else item
+                        pipe.xadd(STREAM, {"event": payload})
+                    ids = await pipe.execute()
+            except Exception:
+                await asyncio.sleep(0.1)  # Redis away: these never entered the stream
+                continue
+            for item, entry_id in zip(items, ids, strict=True):
+                if isinstance(item, dict):
+                    self.valid.append(item)
+                    self.valid_raw.append(orjson.dumps(item))
+                else:
+                    self.invalid_ids.append(entry_id.decode())
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.aclose()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[DevServer]:
+    server = start_server(folder=tmp_path / "redis", persistent=True)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3_proxy(s3: MotoServer) -> Iterator[S3Proxy]:
+    s3.client().create_bucket(Bucket=BUCKET)
+    proxy = S3Proxy(s3.port).start()
+    yield proxy
+    proxy.stop()
+
+
+def sidecar(
+    server: DevServer, proxy: S3Proxy, s3: MotoServer, tmp_path: Path, name: str
+) -> SidecarProcess:
+    env = sidecar_env(
+        server.url,
+        s3_archive_enabled=True,
+        s3_bucket=BUCKET,
+        redis_consumer_name=name,
+        redis_block_ms=200,
+        redis_claim_idle_ms=2000,
+        archive_flush_max_events=40,
+        archive_flush_max_age_seconds=0.5,
+        log_level="info",
+    )
+    env.update(s3_environment(s3))
+    env["AWS_ENDPOINT_URL_S3"] = proxy.url
+    return SidecarProcess(env, tmp_path / f"{name}.log")
+
+
+async def check_invariant(
+    url: str,
+    producer: Producer,
+    s3: MotoServer,
+    figures: dict[str, Any],
+    processes: list[SidecarProcess],
+) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        await wait_for(lambda: group_done(client, STREAM, PROJECTOR), 90, "projector drained")
+        await wait_for(lambda: group_done(client, STREAM, ARCHIVER), 90, "archiver drained")
+        expected = expected_projection(producer.valid)
+        state = await projection(client, expected)
+        wrong = [k for k, v in expected.items() if state[k].get("eventId") != v["eventId"]]
+        assert not wrong, f"{len(wrong)} executions not in the ordering key's state: {wrong[:5]}"
+        dead = Counter(
+            fields[b"sourceId"].decode()
+            for _, fields in await client.xrange(f"{STREAM}:dead-letter")
+        )
+        assert set(dead) == set(producer.invalid_ids)
+        assert max(dead.values(), default=1) == 1, "an invalid entry was dead-lettered twice"
+    finally:
+        await client.aclose()
+    archive = check_exactly_once(archive_objects_s3(s3.client(), BUCKET), producer.valid_raw)
+    figures.update(
+        events=len(producer.valid),
+        invalid=len(producer.invalid_ids),
+        objects=archive["objects"],
+        lost=archive["missing"],
+        duplicated=archive["duplicated"],
+        # objects a retry found already written by an attempt cut short (exactly-once recovery)
+        found_written=sum(p.log().count("already holds") for p in processes),
+    )
+    print("\nfault figures:", " ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+async def test_repeated_sigkill_while_uploads_are_in_flight(
+    redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
+) -> None:
+    rng = random.Random(1)
+    s3_proxy.delay = 0.15  # widen the window between a write and its acknowledgement
+    producer = Producer(redis_server.url, seed=1)
+    process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a").start()
+    producer.start()
+    kills = 0
+    try:
+        for _ in range(12):
+            await asyncio.sleep(rng.uniform(0.4, 1.6))
+            process.kill()
+            kills += 1
+            process.start()
+        await producer.stop()
+        s3_proxy.delay = 0
+        await check_invariant(redis_server.url, producer, s3, {"kills": kills}, [process])
+        assert process.terminate() == 0, process.log()
+    finally:
+        process.kill()
+
+
+async def test_redis_restart_and_s3_outage_mid_run(
+    redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
+) -> None:
+    producer = Producer(redis_server.url, seed=2)
+    process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a").start()
+    producer.start()
+    try:
+        await asyncio.sleep(2)
+        producer.paused.set()
+        await asyncio.to_thread(redis_server.restart)
+        producer.paused.clear()
+        await asyncio.sleep(2)
+        s3_proxy.set_down(True)
+        await asyncio.sleep(30)  # S3 unreachable for 30 seconds while events keep coming
+        s3_proxy.set_down(False)
+        await asyncio.sleep(2)
+        await producer.stop()
+        assert process.running(), process.log()
+        await check_invariant(
+            redis_server.url, producer, s3, {"redis_restarts": 1, "s3_outage_s": 30}, [process]
+        )
+    finally:
+        process.kill()
+
+
+async def test_three_replicas_one_killed_for_good(
+    redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
+) -> None:
+    s3_proxy.delay = 0.05
+    producer = Producer(redis_server.url, seed=3, rate=600)
+    replicas = [sidecar(redis_server, s3_proxy, s3, tmp_path, f"pod-{n}").start() for n in "abc"]
+    producer.start()
+    try:
+        await asyncio.sleep(3)
+        replicas[0].kill()  # its pending entries must be claimed by the others
+        await asyncio.sleep(4)
+        await producer.stop()
+        s3_proxy.delay = 0
+        await check_invariant(
+            redis_server.url, producer, s3, {"replicas": 3, "killed": 1}, replicas
+        )
+    finally:
+        for replica in replicas:
+            replica.kill()
