@@ -210,6 +210,7 @@ class ArchiveSwitch:
         self.target = target
         self.last_error = None
         if sink is not None:
+            await self._report_gaps()
             self._start_runner(target, sink)
             self.metrics.archive_enabled.labels(target.label).set(1)
             log.info(
@@ -224,6 +225,19 @@ class ArchiveSwitch:
             self.metrics.archive_enabled.labels("").set(0)
             log.info("archival off")
         return None
+
+    async def _report_gaps(self) -> None:
+        """Say what was trimmed unarchived while archival was off (sidecar.retention)."""
+        gaps: Any = await self.redis.hgetall(f"{self.settings.redis_stream_key}:archive-gaps")
+        for first, value in sorted(gaps.items()):
+            until, _, count = value.decode().partition(" ")
+            log.warning(
+                "archive gap: %s entries from %s before %s were trimmed while archival was off;"
+                " they are in the projection but not in the archive",
+                count,
+                first.decode(),
+                until,
+            )
 
     async def _sink(self, target: ArchiveTarget) -> ArchiveSink:
         if target.sink == "folder":

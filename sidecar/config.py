@@ -39,8 +39,10 @@ class Settings(BaseSettings):
     # A consumer that has not read for this long is taken for dead; its pending
     # entries are claimed by a live replica, as one set.
     redis_claim_idle_ms: int = Field(60_000, ge=1000)
-    # Last-resort cap on the stream length (0 = none); see README "Stream memory".
+    # Last-resort cap on the stream length (0 = none); see README "Bounded memory".
     redis_stream_maxlen: int = Field(0, ge=0)
+    # While archival is off, the archiver group holds entries in the stream this long at most.
+    archive_off_pin_seconds: int = Field(86_400, ge=0)
 
     s3_archive_enabled: bool = False
     s3_bucket: str | None = None

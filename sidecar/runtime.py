@@ -31,6 +31,7 @@ from sidecar.consumer import ConsumerGroupRunner
 from sidecar.http import build_app
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
+from sidecar.retention import StreamRetention
 from sidecar.stream_stats import StreamStatsSampler
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,17 @@ class Sidecar:
             ],
             interval=stats_interval,
         )
+        self.retention = StreamRetention(
+            self.redis,
+            self.metrics,
+            stream=settings.redis_stream_key,
+            archiver_group=settings.redis_archiver_consumer_group,
+            archiving=lambda: self.archive.target.enabled,
+            maxlen=settings.redis_stream_maxlen,
+            archive_off_pin_seconds=settings.archive_off_pin_seconds,
+            index_max_age_days=settings.project_index_max_age_days,
+            index_max_size=settings.project_index_max_size,
+        )
         self.watch: Any = None  # sidecar.operator.ResourceWatch when a resource is watched
         self.http_port: int | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -92,6 +104,7 @@ class Sidecar:
         self._spawn("projector", self.projector_runner.run)
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
+        self._spawn("retention", self.retention.run)
         self._spawn("loop-ticker", self._tick)
         environment_target = ArchiveTarget.from_settings(self.settings)
         # The environment's target is not write-checked: a bad bucket shows in
@@ -115,7 +128,9 @@ class Sidecar:
             await self.watch.stop()
             await self._join("watch")
         self.stats.stop()
+        self.retention.stop()
         await self._join("stream-stats")
+        await self._join("retention")
         self._tasks["loop-ticker"].cancel()
         await self._join("loop-ticker")
         if self._http is not None:
