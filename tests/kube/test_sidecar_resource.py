@@ -1,0 +1,195 @@
+"""A running sidecar driven by a TaskTracking resource: kopf over HTTP against the in-memory
+Kubernetes API, the real runtime, Redis and the S3 test server.
+
+The whole run is checked for exactly-once archival at the end, across every switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import MotoServer
+from tests.helpers import (
+    archive_objects_s3,
+    check_exactly_once,
+    event,
+    group_done,
+    group_unacked,
+    publish,
+    running_sidecar,
+    wait_for,
+)
+
+from .api import KubeAPI
+
+NS = "apps"
+NAME = "task-tracking"
+STREAM = "task-events:v1"
+PROJECTOR = "task-status-projector"
+ARCHIVER = "task-history-archiver"
+FLUSH = {"maxEvents": 100, "maxAgeSeconds": 1}
+
+
+def resource(**archive: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "alakai.io/v1alpha1",
+        "kind": "TaskTracking",
+        "metadata": {"name": NAME},
+        "spec": {"archive": {"flush": FLUSH, **archive}},
+    }
+
+
+@pytest.fixture
+async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KubeAPI]:
+    async with KubeAPI() as server:
+        server.ensure_namespace(NS)
+        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+        yield server
+
+
+class Producer:
+    """Keeps publishing valid events in the background, recording them."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.published: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        n = 0
+        while True:
+            batch = [event(f"k{n + i}", "success", 1_773_568_800_000 + n + i) for i in range(20)]
+            await publish(self.client, STREAM, batch)
+            self.published += [orjson.dumps(e) for e in batch]
+            n += 20
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def own_entry(api: KubeAPI, pod: str) -> dict[str, Any]:
+    obj = api.get(NS, NAME) or {}
+    entry: dict[str, Any] = obj.get("status", {}).get("sidecars", {}).get(pod, {})
+    return entry
+
+
+async def applied_within_2s(api: KubeAPI, sidecar: Any, pod: str, expect: Any) -> float:
+    """Wait until the sidecar runs `expect` (an ArchiveTarget predicate) and reports the
+    resource's current generation; returns the seconds it took."""
+    started = time.monotonic()
+    generation = (api.get(NS, NAME) or {}).get("metadata", {}).get("generation")
+
+    def done() -> bool:
+        entry = own_entry(api, pod)
+        return expect(sidecar.archive.target) and entry.get("observedGeneration") == generation
+
+    await wait_for(done, timeout=2, message="the resource applied within 2 s")
+    return time.monotonic() - started
+
+
+async def test_resource_switches_archival_without_restart_and_exactly_once(
+    api: KubeAPI, redis_url: str, redis_client: aioredis.Redis, s3: MotoServer
+) -> None:
+    client = s3.client()
+    for bucket in ("first", "second"):
+        client.create_bucket(Bucket=bucket)
+    producer = Producer(redis_client)
+    pod = "pod-a"
+    async with running_sidecar(
+        redis_url, resource_name=NAME, namespace=NS, redis_consumer_name=pod
+    ) as sidecar:
+        await wait_for(lambda: sidecar.watch is not None and sidecar.watch.ready.is_set())
+        producer.start()
+
+        # enable: objects appear in the S3 server
+        await api.create(NS, resource(enabled=True, bucket="first"))
+        await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        await wait_for(lambda: bool(archive_objects_s3(client, "first")), message="objects")
+
+        # disable mid-stream: archiving stops, entries wait in the stream, projector goes on
+        await api.patch_spec(NS, NAME, {"archive": {"enabled": False}})
+        await applied_within_2s(api, sidecar, pod, lambda t: not t.enabled)
+        assert sidecar.metrics.archive_enabled.labels("")._value.get() == 0
+        waiting = await group_unacked(redis_client, STREAM, ARCHIVER)
+        await wait_for(
+            lambda: _grew(redis_client, waiting), message="entries waiting for the archiver"
+        )
+        await wait_for(lambda: _projected_recent(redis_client, producer), message="projector")
+
+        # enable again, then change bucket
+        await api.patch_spec(NS, NAME, {"archive": {"enabled": True}})
+        await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        await api.patch_spec(NS, NAME, {"archive": {"bucket": "second"}})
+        await applied_within_2s(api, sidecar, pod, lambda t: t.bucket == "second")
+        await wait_for(lambda: bool(archive_objects_s3(client, "second")), message="objects")
+
+        # a spec the CRD accepts but that cannot work: refused, last good kept, reported
+        await api.patch_spec(NS, NAME, {"archive": {"bucket": "no-such-bucket"}})
+        await wait_for(
+            lambda: "does not exist" in own_entry(api, pod).get("lastError", ""),
+            message="lastError in the status",
+        )
+        assert sidecar.archive.target.bucket == "second"
+        assert any("no-such-bucket" in str(e) for e in api.events), api.events
+
+        # delete: back to the environment (archival off)
+        await api.delete(NS, NAME)
+        await wait_for(lambda: not sidecar.archive.target.enabled, timeout=2, message="env")
+
+        # re-create to let the archiver catch up with everything, then stop the producer
+        await api.create(NS, resource(enabled=True, bucket="second"))
+        await wait_for(lambda: sidecar.archive.target.enabled, timeout=2)
+        await producer.stop()
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), timeout=30)
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), timeout=30)
+    objects = archive_objects_s3(client, "first") | archive_objects_s3(client, "second")
+    figures = check_exactly_once(objects, producer.published)
+    print("\nresource run:", figures)
+
+
+async def _grew(client: aioredis.Redis, before: int) -> bool:
+    return await group_unacked(client, STREAM, ARCHIVER) > before + 20
+
+
+async def _projected_recent(client: aioredis.Redis, producer: Producer) -> bool:
+    last = orjson.loads(producer.published[-1])
+    return bool(await client.exists(f"task-tracking:execution:{last['executionId']}"))
+
+
+async def test_two_sidecars_on_one_resource_each_report_their_own_status(
+    api: KubeAPI, redis_url: str, s3: MotoServer
+) -> None:
+    s3.client().create_bucket(Bucket="shared")
+    async with (
+        running_sidecar(redis_url, resource_name=NAME, namespace=NS, redis_consumer_name="a"),
+        running_sidecar(redis_url, resource_name=NAME, namespace=NS, redis_consumer_name="b"),
+    ):
+        await api.create(NS, resource(enabled=True, bucket="shared"))
+
+        def reported() -> bool:
+            status = (api.get(NS, NAME) or {}).get("status", {})
+            sidecars = status.get("sidecars", {})
+            return (
+                set(sidecars) == {"a", "b"}
+                and all(entry["archiving"] for entry in sidecars.values())
+                and status.get("applied") == "2/2"
+            )
+
+        await wait_for(reported, timeout=5, message="both sidecars report 2/2")
+    writes = [r for r in api.requests if r.method in ("PATCH", "PUT")]
+    assert all(r.path.endswith("/status") for r in writes)
+    assert all("finalizers" not in str(r.body) for r in writes)
