@@ -22,6 +22,8 @@ def is_cluster_url(url: str) -> bool:
 def connect(url: str, **options: Any) -> Redis | RedisCluster:
     """A client for `url`; raw bytes responses (events are stored and archived byte-exact)."""
     options.setdefault("socket_connect_timeout", 5)
+    # Longer than the longest blocking read (TASK_TRACKING_REDIS_BLOCK_MS, at most 20 s).
+    options.setdefault("socket_timeout", 30)
     options.setdefault("health_check_interval", 30)
     scheme, rest = url.split("://", 1)
     if scheme in CLUSTER_SCHEMES:

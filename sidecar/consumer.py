@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.events import InvalidEntry, ValidEvent, decode_entry
+from sidecar.logs import ContextLogger
 from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class ConsumerGroupRunner:
         handler: BatchHandler,
         metrics: Metrics,
         options: RunnerOptions | None = None,
+        worker: str | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -114,7 +117,10 @@ class ConsumerGroupRunner:
         self._recovered = False
         self._force_flush = False
         self._next_claim = 0.0
-        self._log = logging.LoggerAdapter(log, {"group": group, "worker": consumer})
+        # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
+        context = {"worker": worker or group, "group": group, "consumer": consumer}
+        self._log = ContextLogger(log, context)
+        metrics.init_group(group, dead_letter=self.options.dead_letter)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -198,7 +204,7 @@ class ConsumerGroupRunner:
     async def _ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            self._log.info("created consumer group on %s", self.stream)
+            self._log.info("created consumer group %s on %s", self.group, self.stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -292,7 +298,7 @@ class ConsumerGroupRunner:
             self._log.warning(
                 "dead-lettering entry: %s",
                 entry.reason,
-                extra={"stream_id": entry.entry_id},
+                extra={"stream_id": entry.entry_id, "execution_id": _execution_id(entry.raw)},
             )
         # Standalone Redis: dead-letter and acknowledgement in one MULTI, so a
         # crash cannot dead-letter an entry twice. A cluster keeps the two
@@ -358,6 +364,16 @@ class ConsumerGroupRunner:
             self.stream, self.group, min="-", max="+", count=count, consumername=consumer
         )
         return [_text(row["message_id"]) for row in rows]
+
+
+def _execution_id(raw: bytes | None) -> str | None:
+    """The executionId of an invalid event, when it has a readable one (for the log)."""
+    try:
+        data = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    value = data.get("executionId") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _text(value: bytes | str) -> str:
