@@ -142,6 +142,7 @@ def test_defaults_set_every_environment_variable_of_the_contract(render: Any) ->
         "TASK_TRACKING_REDIS_BLOCK_MS": "5000",
         "TASK_TRACKING_REDIS_CLAIM_IDLE_MS": "60000",
         "TASK_TRACKING_REDIS_STREAM_MAXLEN": "0",
+        "TASK_TRACKING_ARCHIVE_OFF_PIN_SECONDS": "86400",
         "TASK_TRACKING_S3_ARCHIVE_ENABLED": "false",
         "TASK_TRACKING_ARCHIVE_SINK": "s3",
         "TASK_TRACKING_S3_PREFIX": "task-tracking",

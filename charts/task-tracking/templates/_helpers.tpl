@@ -135,6 +135,8 @@ initContainers) list. It needs the volumes of "task-tracking.sidecarVolumes".
       value: {{ int64 $v.redis.claimIdleMs | quote }}
     - name: TASK_TRACKING_REDIS_STREAM_MAXLEN
       value: {{ int64 $v.redis.streamMaxlen | quote }}
+    - name: TASK_TRACKING_ARCHIVE_OFF_PIN_SECONDS
+      value: {{ int64 $v.archive.offPinSeconds | quote }}
     - name: TASK_TRACKING_S3_ARCHIVE_ENABLED
       value: {{ $v.archive.enabled | toString | quote }}
     - name: TASK_TRACKING_ARCHIVE_SINK
