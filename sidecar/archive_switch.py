@@ -192,6 +192,10 @@ class ArchiveSwitch:
             return self.runner.failure or "archiver not ready yet"
         return None
 
+    def worker_ended(self) -> bool:
+        """True when the archiver's task ended while it should be running (liveness)."""
+        return self._task is not None and self._task.done()
+
     async def _switch(self, target: ArchiveTarget, *, check: bool) -> str | None:
         if target == self.target and (self.runner is not None or not target.enabled):
             return None
@@ -203,7 +207,11 @@ class ArchiveSwitch:
                     await sink.check()
             except SinkError as exc:
                 self.last_error = str(exc)
-                log.error("archive configuration refused, keeping the current one: %s", exc)
+                log.error(
+                    "archive configuration refused, keeping the current one: %s",
+                    exc,
+                    extra={"worker": "archiver", "bucket": target.label},
+                )
                 return str(exc)
         await self._stop_runner()
         self.metrics.archive_enabled.clear()
@@ -220,10 +228,11 @@ class ArchiveSwitch:
                 target.policy.max_events,
                 target.policy.max_bytes,
                 target.policy.max_age_seconds,
+                extra={"worker": "archiver", "bucket": target.label},
             )
         else:
             self.metrics.archive_enabled.labels("").set(0)
-            log.info("archival off")
+            log.info("archival off", extra={"worker": "archiver"})
         return None
 
     async def _report_gaps(self) -> None:
@@ -270,6 +279,7 @@ class ArchiveSwitch:
             handler=self.archiver,
             metrics=self.metrics,
             options=replace(runner_options(settings), dead_letter=False),
+            worker="archiver",
         )
         self._task = asyncio.create_task(self.runner.run(), name="archiver")
 

@@ -133,7 +133,13 @@ class Metrics:
         self.redis_reconnects = counter(
             "task_tracking_redis_reconnects", "Redis connection losses recovered from.", ("group",)
         )
-        self.ready = gauge("task_tracking_ready", "1 when /readyz answers 200.")
+        self.ready = gauge(
+            "task_tracking_ready", "1 when /readyz answers 200 (updated on the sampler's timer)."
+        )
+        self.event_loop_lag = gauge(
+            "task_tracking_event_loop_lag_seconds",
+            "Delay of the last event-loop probe, measured from a watchdog thread.",
+        )
 
         self.stream_trimmed = counter(
             "task_tracking_stream_trimmed",
@@ -147,6 +153,21 @@ class Metrics:
             "task_tracking_archive_skipped",
             "Entries skipped by the archiver because archival was off (see README).",
         )
+
+    def init_group(self, group: str, *, dead_letter: bool) -> None:
+        """Create a group's series at 0, so `increase()` sees the first event of each."""
+        for metric in (
+            self.read,
+            self.applied,
+            self.stale,
+            self.claimed,
+            self.redis_reconnects,
+            self.end_to_end_latency,
+            self.event_age,
+            self.batch_size,
+        ):
+            metric.labels(group)
+        (self.dead_lettered if dead_letter else self.invalid_skipped).labels(group)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -153,8 +153,12 @@ class ResourceWatch:
         initial_state: ArchiveState | None = None,
         stale_after: float = 3600.0,
         watch_timeout: float = 300.0,
+        on_generation: Callable[[int], object] | None = None,
     ) -> None:
         self._control = control
+        # Told the generation this sidecar runs after each successful apply, 0 once the
+        # resource is deleted (the runtime sets task_tracking_resource_generation with it).
+        self._on_generation = on_generation
         self.resource_name = resource_name
         self.namespace = namespace
         self.pod_name = pod_name
@@ -252,7 +256,12 @@ class ResourceWatch:
             self._handled_generation = None
             self._error = None
             self._entry = None
-            logger.info("TaskTracking %r deleted: back to the environment.", self.resource_name)
+            self._report_generation(0)
+            logger.info(
+                "TaskTracking %r deleted: back to the environment.",
+                self.resource_name,
+                extra={"resource": self.resource_name},
+            )
             return
         generation = int(body.meta.get("generation") or 0)
         if generation != self._handled_generation:
@@ -272,20 +281,32 @@ class ResourceWatch:
         else:
             self._state = state
             self._error = state.last_error
+        context = {"resource": self.resource_name, "generation": generation}
         if self._error is None:
-            logger.info("TaskTracking %r generation %d applied.", self.resource_name, generation)
+            self._report_generation(generation)
+            logger.info(
+                "TaskTracking %r generation %d applied.",
+                self.resource_name,
+                generation,
+                extra=context,
+            )
             return
         logger.warning(
             "TaskTracking %r generation %d refused, keeping the last good configuration: %s",
             self.resource_name,
             generation,
             self._error,
+            extra=context,
         )
         kopf.warn(
             body,
             reason=EVENT_REASON_INVALID,
             message=f"{self.pod_name}: {self._error}; keeping the last good configuration",
         )
+
+    def _report_generation(self, generation: int) -> None:
+        if self._on_generation is not None:
+            self._on_generation(generation)
 
     async def _reconfigure(self, spec: ArchiveSpec | None) -> ArchiveState:
         # Outside kopf's task context (so kopf never cancels what the runtime starts), and

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from sidecar.archiver import FlushPolicy
 from sidecar.config import Settings
 from sidecar.connections import connect
 from sidecar.consumer import ConsumerGroupRunner
+from sidecar.health import LoopWatchdog
 from sidecar.http import build_app
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
@@ -36,7 +36,7 @@ from sidecar.stream_stats import StreamStatsSampler
 
 log = logging.getLogger(__name__)
 
-# /healthz fails when the event loop has not ticked for this long.
+# /healthz fails while the event loop takes this long to run a callback.
 LOOP_STALL_SECONDS = 10.0
 # Stop never waits longer than this for one task (the drain budget is 10 s).
 STOP_TIMEOUT_SECONDS = 8.0
@@ -64,6 +64,7 @@ class Sidecar:
             handler=self.projector,
             metrics=self.metrics,
             options=runner_options(settings),
+            worker="projector",
         )
         self.archive = ArchiveSwitch(self.redis, settings, self.metrics, self.s3_clients)
         self.stats = StreamStatsSampler(
@@ -75,6 +76,11 @@ class Sidecar:
                 settings.redis_archiver_consumer_group,
             ],
             interval=stats_interval,
+            # The archiver group's figures only while archival is on (off, retention bounds it).
+            active=lambda group: (
+                group != settings.redis_archiver_consumer_group or self.archive.target.enabled
+            ),
+            after_sample=self.readiness_problems,  # keeps task_tracking_ready current
         )
         self.retention = StreamRetention(
             self.redis,
@@ -91,7 +97,8 @@ class Sidecar:
         self.http_port: int | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._http: web.AppRunner | None = None
-        self._last_tick = time.monotonic()
+        self.loop_stall_seconds = LOOP_STALL_SECONDS
+        self.watchdog = LoopWatchdog(self.metrics.event_loop_lag, warn_after=LOOP_STALL_SECONDS)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -105,7 +112,7 @@ class Sidecar:
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
         self._spawn("retention", self.retention.run)
-        self._spawn("loop-ticker", self._tick)
+        self.watchdog.start(asyncio.get_running_loop())
         environment_target = ArchiveTarget.from_settings(self.settings)
         # The environment's target is not write-checked: a bad bucket shows in
         # /readyz and the logs while entries wait in the stream.
@@ -131,8 +138,7 @@ class Sidecar:
         self.retention.stop()
         await self._join("stream-stats")
         await self._join("retention")
-        self._tasks["loop-ticker"].cancel()
-        await self._join("loop-ticker")
+        await asyncio.to_thread(self.watchdog.stop)
         if self._http is not None:
             await self._http.cleanup()
         await self.s3_clients.close()
@@ -149,6 +155,7 @@ class Sidecar:
             resource_name=self.settings.resource_name,
             namespace=self.settings.pod_namespace,
             pod_name=self.settings.redis_consumer_name,
+            on_generation=self.metrics.resource_generation.set,
         )
         self._spawn("watch", self.watch.run)
 
@@ -159,7 +166,7 @@ class Sidecar:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("%s task died", name)
+                log.exception("%s task died", name, extra={"worker": name})
                 raise
 
         self._tasks[name] = asyncio.create_task(guarded(), name=name)
@@ -176,21 +183,20 @@ class Sidecar:
         except (asyncio.CancelledError, Exception):
             pass  # its failure was logged when it died
 
-    async def _tick(self) -> None:
-        while True:
-            self._last_tick = time.monotonic()
-            await asyncio.sleep(1.0)
-
     # ---- health ----------------------------------------------------------
 
     def liveness_problems(self) -> list[str]:
+        """Why the process is wedged: a worker task ended, or the event loop stalls."""
         problems = [f"{name} task ended" for name, task in self._tasks.items() if task.done()]
-        stalled = time.monotonic() - self._last_tick
-        if stalled > LOOP_STALL_SECONDS:
-            problems.append(f"event loop stalled for {stalled:.0f}s")
+        if self.archive.worker_ended():
+            problems.append("archiver task ended")
+        stalled = self.watchdog.stalled_for()
+        if stalled > self.loop_stall_seconds:
+            problems.append(f"event loop stalled for {stalled:.1f}s")
         return problems
 
     def readiness_problems(self) -> list[str]:
+        """Why the sidecar cannot do its work now; also sets `task_tracking_ready`."""
         problems = []
         if not self.projector_runner.ready.is_set():
             reason = self.projector_runner.failure or "consumer group not ready yet"

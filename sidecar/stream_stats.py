@@ -1,7 +1,8 @@
 """Stream and consumer-group statistics, sampled on a timer for the metrics.
 
 Queried every few seconds from XINFO, never per event or per scrape, so a
-scrape storm costs Redis nothing.
+scrape storm costs Redis nothing. The same timer refreshes the readiness gauge,
+so `task_tracking_ready` follows readiness even when nobody calls /readyz.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -19,9 +21,12 @@ from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# When Redis cannot say a group's lag (XINFO GROUPS answers nil), it is
-# counted with XRANGE, up to this many entries.
-LAG_COUNT_LIMIT = 100_000
+# When Redis cannot say a group's lag (XINFO GROUPS answers nil: an entry after
+# the group's last-delivered ID was deleted, or the group's position was set by
+# hand), the entries after that ID are counted with XRANGE, a page at a time,
+# up to this many; beyond it the lag is the upper bound entries-added - entries-read.
+LAG_COUNT_LIMIT = 10_000
+LAG_COUNT_PAGE = 1_000
 
 
 class StreamStatsSampler:
@@ -35,6 +40,8 @@ class StreamStatsSampler:
         stream: str,
         groups: list[str],
         interval: float = 5.0,
+        active: Callable[[str], bool] | None = None,
+        after_sample: Callable[[], object] | None = None,
     ) -> None:
         self.redis = redis
         self.metrics = metrics
@@ -42,6 +49,11 @@ class StreamStatsSampler:
         self.dead_letter = f"{stream}:dead-letter"
         self.groups = groups
         self.interval = interval
+        # Groups not active in this sidecar (the archiver's while archival is off)
+        # have their series removed rather than report a backlog nobody works on.
+        self.active = active or (lambda group: True)
+        # Called after every sample, failed or not (the runtime refreshes readiness).
+        self.after_sample = after_sample
         self.last: dict[str, dict[str, float]] = {}  # group -> {"lag", "pending", ...}
         self._stopping = asyncio.Event()
 
@@ -52,6 +64,8 @@ class StreamStatsSampler:
                 await self.sample()
             except (RedisError, OSError) as exc:
                 log.debug("stream statistics unavailable: %s", exc)
+            if self.after_sample is not None:
+                self.after_sample()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
 
@@ -72,9 +86,12 @@ class StreamStatsSampler:
             name = _text(info["name"])
             if name not in self.groups:
                 continue
+            if not self.active(name):
+                self._forget(name)
+                continue
             lag = info.get("lag")
             if lag is None:
-                lag = await self._count_after(_text(info["last-delivered-id"]))
+                lag = await self.lag_without_redis(info)
             pending = int(info["pending"])
             oldest_age = 0.0
             if pending:
@@ -86,11 +103,29 @@ class StreamStatsSampler:
             self.metrics.oldest_pending_age.labels(name).set(oldest_age)
             self.last[name] = {"lag": int(lag), "pending": pending, "oldest": oldest_age}
 
-    async def _count_after(self, last_delivered: str) -> int:
-        entries: Any = await self.redis.xrange(
-            self.stream, min=f"({last_delivered}", count=LAG_COUNT_LIMIT
-        )
-        return len(entries)
+    def _forget(self, group: str) -> None:
+        if self.last.pop(group, None) is not None:
+            for gauge in (self.metrics.lag, self.metrics.pending, self.metrics.oldest_pending_age):
+                gauge.remove(group)
+
+    async def lag_without_redis(self, group: dict[str, Any]) -> int:
+        """A group's lag when XINFO GROUPS answers nil: entries after its last-delivered ID."""
+        last_delivered = _text(group["last-delivered-id"])
+        counted = 0
+        cursor = f"({last_delivered}"
+        while counted < LAG_COUNT_LIMIT:
+            page: Any = await self.redis.xrange(self.stream, min=cursor, count=LAG_COUNT_PAGE)
+            counted += len(page)
+            if len(page) < LAG_COUNT_PAGE:
+                return counted
+            cursor = f"({_text(page[-1][0])}"
+        # Too many to count every few seconds: the upper bound Redis would have
+        # reported but for the deleted entries it cannot place.
+        stream: Any = await self.redis.xinfo_stream(self.stream)
+        entries_read = group.get("entries-read")
+        if entries_read is None:
+            return max(counted, int(stream["length"]))
+        return max(counted, int(stream["entries-added"]) - int(entries_read))
 
 
 def _text(value: bytes | str) -> str:
