@@ -116,6 +116,7 @@ class ConsumerGroupRunner:
         self._invalid: list[InvalidEntry] = []
         self._recovered = False
         self._force_flush = False
+        self._redis_lost = False
         self._next_claim = 0.0
         # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
         context = {"worker": worker or group, "group": group, "consumer": consumer}
@@ -127,7 +128,6 @@ class ConsumerGroupRunner:
     async def run(self) -> None:
         """Consume until `stop()`; then flush, acknowledge and return."""
         backoff = self.options.backoff_initial
-        connected_before = False
         while True:
             try:
                 await self._ensure_group()
@@ -137,10 +137,6 @@ class ConsumerGroupRunner:
                     self._recovered = True
                 await self._settle()  # a batch left in hand by a lost connection
                 self._mark_ready()
-                if connected_before:
-                    self.metrics.redis_reconnects.labels(self.group).inc()
-                    self._log.info("reconnected to Redis")
-                connected_before = True
                 backoff = self.options.backoff_initial
                 while not self._stopping.is_set():
                     await self._claim_from_dead_consumers()
@@ -155,22 +151,19 @@ class ConsumerGroupRunner:
                 self._mark_not_ready(exc)
                 delay = backoff * (0.5 + random.random() / 2)
                 backoff = min(backoff * 2, self.options.backoff_max)
-                if await self._wait_stopping(delay) and self._give_up_on_stop():
+                if await self._wait_stopping(delay):
+                    # Stopping while the failure lasts: whatever is unacknowledged stays
+                    # pending and is re-read by this consumer (or claimed) later.
+                    if self._to_ack or self._invalid:
+                        self._log.warning(
+                            "stopping with %d entries unacknowledged; they stay pending",
+                            len(self._to_ack) + len(self._invalid),
+                        )
                     return
 
     async def stop(self) -> None:
         """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""
         self._stopping.set()
-
-    def _give_up_on_stop(self) -> bool:
-        # Stopping while Redis is away: whatever is unacknowledged stays pending
-        # and is re-read by this consumer (or claimed) later. Nothing is lost.
-        if self._to_ack or self._invalid:
-            self._log.warning(
-                "stopping with %d entries unacknowledged; they stay pending",
-                len(self._to_ack) + len(self._invalid),
-            )
-        return True
 
     async def _wait_stopping(self, seconds: float) -> bool:
         try:
@@ -182,6 +175,9 @@ class ConsumerGroupRunner:
     def _mark_ready(self) -> None:
         if self.failure is not None:
             self._log.info("recovered from: %s", self.failure)
+        if self._redis_lost:
+            self.metrics.redis_reconnects.labels(self.group).inc()
+            self._redis_lost = False
         self.failure = None
         self.ready.set()
         self.metrics.redis_connected.labels(self.group).set(1)
@@ -197,7 +193,9 @@ class ConsumerGroupRunner:
                 self._log.exception("worker error, retrying with backoff")
         self.failure = failure
         self.ready.clear()
-        self.metrics.redis_connected.labels(self.group).set(0)
+        if isinstance(exc, TRANSIENT) and not isinstance(exc, WorkerError):
+            self._redis_lost = True
+            self.metrics.redis_connected.labels(self.group).set(0)
 
     # ---- reading ---------------------------------------------------------
 
