@@ -14,13 +14,27 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
+try:  # redis-py 7.1+: `driver_info=None`; before: `lib_name=None` (deprecated since)
+    import redis.driver_info  # noqa: F401
+
+    NO_CLIENT_SETINFO: dict[str, Any] = {"driver_info": None}
+except ImportError:  # pragma: no cover - older redis-py
+    NO_CLIENT_SETINFO = {"lib_name": None, "lib_version": None}
+
 
 def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
 def connect(url: str, **options: Any) -> Redis | RedisCluster:
-    """A client for `url`; raw bytes responses (events are stored and archived byte-exact)."""
+    """A client for `url`; raw bytes responses (events are stored and archived byte-exact).
+
+    TLS options ride in the URL's query, which redis-py reads:
+    `rediss://host:6379/0?ssl_ca_certs=/etc/redis-ca/ca.pem` (a private CA).
+    """
+    # No CLIENT SETINFO on connect: servers before Redis 7.2 do not know it, so an ACL
+    # granting it would not load there; without it one ACL line (LEAST_PRIVILEGE_ACL) fits all.
+    options.update(NO_CLIENT_SETINFO)
     options.setdefault("socket_connect_timeout", 5)
     # Longer than the longest blocking read (TASK_TRACKING_REDIS_BLOCK_MS, at most 20 s).
     options.setdefault("socket_timeout", 30)
@@ -29,3 +43,21 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
     if scheme in CLUSTER_SCHEMES:
         return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
     return Redis.from_url(url, **options)
+
+
+# The ACL rules (after `ACL SETUSER <user> on ><password>`) that are enough for everything
+# the sidecar and its client commands do, and no more: stream keys `task-events:*`, the
+# projection `task-tracking:*`. Commands a Lua script calls are checked too (HMGET, DEL,
+# HSET, EXPIRE by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
+# consumer removal). MULTI/EXEC wrap dead-lettering on a standalone server; COMMAND and
+# CLUSTER SLOTS/SHARDS are what the cluster client needs to find nodes and key slots.
+LEAST_PRIVILEGE_ACL = (
+    "resetkeys ~task-events:* ~task-tracking:* resetchannels -@all"
+    " +ping +multi +exec +discard"
+    " +xreadgroup +xack +xadd +xclaim +xpending +xlen +xrange +xrevrange +xtrim"
+    " +xinfo|stream +xinfo|groups +xinfo|consumers"
+    " +xgroup|create +xgroup|delconsumer +xgroup|setid"
+    " +evalsha +eval +script|load +hmget +hset +del +expire +hgetall"
+    " +zadd +zrevrange +zremrangebyscore +zremrangebyrank +scan"
+    " +command +cluster|slots +cluster|shards"
+)

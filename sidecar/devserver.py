@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -98,12 +99,16 @@ class DevServer:
             args += ["--appendonly", "no"]
         return args + self.extra_args
 
+    def client(self, **options: Any) -> redis.Redis:
+        """A synchronous client of this server (a TLS server's subclass adds its CA)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
     def start(self, timeout: float = 10.0) -> None:
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = self.client(socket_connect_timeout=0.5)
         try:
             while True:
                 if self.process.poll() is not None:
