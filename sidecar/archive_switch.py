@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError
 
 from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
 from sidecar.config import Settings
@@ -219,7 +220,7 @@ class ArchiveSwitch:
         self.last_error = None
         if sink is not None:
             await self._report_gaps()
-            self._start_runner(target, sink)
+            await self._start_runner(target, sink)
             self.metrics.archive_enabled.labels(target.label).set(1)
             log.info(
                 "archival on: %s prefix %s (flush at %d events, %d bytes or %.0f s)",
@@ -260,7 +261,7 @@ class ArchiveSwitch:
         client = await self.s3_clients.get(target.region, target.endpoint_url)
         return S3Sink(client, target.bucket)
 
-    def _start_runner(self, target: ArchiveTarget, sink: ArchiveSink) -> None:
+    async def _start_runner(self, target: ArchiveTarget, sink: ArchiveSink) -> None:
         settings = self.settings
         group = settings.redis_archiver_consumer_group
         self.archiver = S3TaskHistoryArchiver(
@@ -281,6 +282,9 @@ class ArchiveSwitch:
             options=replace(runner_options(settings), dead_letter=False),
             worker="archiver",
         )
+        # The group exists before this returns, so stream trimming waits for the archiver.
+        with contextlib.suppress(RedisError):  # Redis away: the runner creates it later
+            await self.runner.ensure_group()
         self._task = asyncio.create_task(self.runner.run(), name="archiver")
 
     async def _stop_runner(self) -> None:

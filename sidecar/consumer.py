@@ -130,7 +130,7 @@ class ConsumerGroupRunner:
         backoff = self.options.backoff_initial
         while True:
             try:
-                await self._ensure_group()
+                await self.ensure_group()
                 await self.handler.prepare()
                 if not self._recovered:
                     await self._recover_own_pending()
@@ -199,7 +199,8 @@ class ConsumerGroupRunner:
 
     # ---- reading ---------------------------------------------------------
 
-    async def _ensure_group(self) -> None:
+    async def ensure_group(self) -> None:
+        """Create the stream and the group (from the stream's start) unless they exist."""
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
             self._log.info("created consumer group %s on %s", self.group, self.stream)

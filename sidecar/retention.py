@@ -106,8 +106,9 @@ class StreamRetention:
             groups: Any = await self.redis.xinfo_groups(self.stream)
         except ResponseError:
             return 0  # no stream yet
-        if not groups:
-            return 0  # nobody has read anything: keep everything
+        names = {_text(info["name"]) for info in groups}
+        if not names or (self.archiving() and self.archiver_group not in names):
+            return 0  # nobody has read anything yet, or the archiver's group is not there yet
         floor: str | None = None
         archiver_floor: str | None = None
         for info in groups:

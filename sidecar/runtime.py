@@ -111,12 +111,14 @@ class Sidecar:
         self._spawn("projector", self.projector_runner.run)
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
-        self._spawn("retention", self.retention.run)
         self.watchdog.start(asyncio.get_running_loop())
         environment_target = ArchiveTarget.from_settings(self.settings)
         # The environment's target is not write-checked: a bad bucket shows in
         # /readyz and the logs while entries wait in the stream.
         await self.archive.apply(environment_target, check=False)
+        # Trimming starts once the archiver (if on) has its group: before, the stream
+        # could be trimmed behind the projector only, under entries the archiver needs.
+        self._spawn("retention", self.retention.run)
         await self._start_watch()
         log.info(
             "sidecar started: stream %s, consumer %s, http :%s",
