@@ -1,0 +1,326 @@
+"""The benchmark cases. Each returns rows: the sidecar's figure next to the naive baseline's
+and Redis's ceiling, measured in the same run on the same servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from bench import ceiling, naive, publisher
+from bench.drain import drain, projector, run_worker
+from bench.servers import MotoServer, proc_cpu_seconds, proc_rss_mib
+from bench.workload import ARCHIVER_GROUP, STREAM, encoded, prefill
+from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver, object_key
+from sidecar.devserver import DevServer, free_port
+from sidecar.events import ValidEvent, decode_entry
+from sidecar.sinks import S3Sink, s3_client_context
+
+NAIVE_EVENTS = 10_000  # the naive baseline drains a sample: its rate, not its total, is compared
+
+
+@dataclass
+class Row:
+    case: str
+    unit: str
+    sidecar: float
+    naive: float | None = None
+    ceiling: float | None = None
+    target: str = ""
+    met: bool | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def fresh(server: DevServer) -> redis.Redis:
+    client = redis.Redis(port=server.port)
+    client.flushall()
+    return client
+
+
+# ---- projector throughput ---------------------------------------------------
+
+
+def projector_drain(server: DevServer, count: int) -> Row:
+    fresh(server)
+    raw = encoded(count)
+    prefill(server.port, raw)
+    seconds = asyncio.run(drain(server.url, count))
+    rate = count / seconds
+    naive_count = min(count, NAIVE_EVENTS)
+    fresh(server)
+    prefill(server.port, raw[:naive_count])
+    naive_rate = naive_count / asyncio.run(naive.consume(server.url, naive_count))
+    fresh(server)
+    ceiling_rate = ceiling.ceiling_rate(server.port, raw[: min(count, 200_000)])
+    return Row(
+        f"projector drain, {count:,} pre-filled",
+        "events/s",
+        rate,
+        naive_rate,
+        ceiling_rate,
+        target=">= 50,000/s and >= 10x naive",
+        met=rate >= 50_000 and rate >= 10 * naive_rate,
+        notes={"seconds": seconds, "naive_sample": naive_count},
+    )
+
+
+def projector_live(server: DevServer, count: int) -> Row:
+    """Published at full speed by another process while the projector drains."""
+    fresh(server)
+    process = publisher.start(server.port, count)
+    seconds = asyncio.run(drain(server.url, count))
+    process.join()
+    naive_count = min(count, NAIVE_EVENTS)
+    fresh(server)
+    process = publisher.start(server.port, naive_count)
+    naive_seconds = asyncio.run(naive.consume(server.url, naive_count))
+    process.join()
+    fresh(server)
+    ceiling_rate = ceiling.ceiling_rate(server.port, encoded(min(count, 200_000)))
+    return Row(
+        f"projector live, {count:,} published at full speed",
+        "events/s",
+        count / seconds,
+        naive_count / naive_seconds,
+        ceiling_rate,
+        notes={"seconds": seconds},
+    )
+
+
+# ---- latency ------------------------------------------------------------------
+
+
+def latency(server: DevServer, rate: int, seconds: float) -> list[Row]:
+    count = int(rate * seconds)
+    fresh(server)
+    # The group exists before publishing starts, so no event waits for the runner's start.
+    redis.Redis(port=server.port).xgroup_create(STREAM, "task-status-projector", mkstream=True)
+
+    async def sidecar_run() -> list[float]:
+        process = publisher.start(server.port, count, rate=rate)
+        _, handler = await run_worker(server.url, projector, count)
+        process.join()
+        return handler.latencies
+
+    ours = asyncio.run(sidecar_run())
+    fresh(server)
+    redis.Redis(port=server.port).xgroup_create(STREAM, "task-status-projector", mkstream=True)
+    theirs: list[float] = []
+
+    def observe(event: ValidEvent) -> None:
+        theirs.append(time.time() - event.fields["sentAt"])
+
+    process = publisher.start(server.port, count, rate=rate)
+    asyncio.run(naive.consume(server.url, count, on_applied=observe))
+    process.join()
+    fresh(server)
+    floor = ceiling.ceiling_latencies(server.port, encoded(min(count, 5000)), rate)
+    rows = []
+    for name, share in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):
+        ms = percentile(ours, share) * 1000
+        row = Row(
+            f"latency XADD->projected at {rate:,}/s, {name}",
+            "ms",
+            ms,
+            percentile(theirs, share) * 1000,
+            percentile(floor, share) * 1000,
+        )
+        if rate == 1000 and name == "p99":
+            row.target, row.met = "<= 5 ms", ms <= 5
+        rows.append(row)
+    return rows
+
+
+# ---- archiver -------------------------------------------------------------------
+
+
+def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1"
+    )
+    # One event per execution, round robin over 5 projects: whole 5,000-event objects, none
+    # left waiting for the 30 s age limit.
+    raw = encoded(count, projects=5, per_execution=1)
+    fresh(server)
+    prefill(server.port, raw)
+
+    async def run() -> tuple[float, float, float, int]:
+        async with s3_client_context(region="us-east-1", endpoint_url=moto.url) as client:
+            await client.create_bucket(Bucket="bench")
+            sink = S3Sink(client, "bench")
+
+            def make(_redis: object, metrics: Any) -> S3TaskHistoryArchiver:
+                return S3TaskHistoryArchiver(
+                    sink, metrics, stream=STREAM, prefix="bench", policy=FlushPolicy()
+                )
+
+            seconds, _ = await run_worker(
+                server.url, make, count, group=ARCHIVER_GROUP, dead_letter=False
+            )
+            keys = [key async for key in sink.list_keys("bench/")]
+            bodies = [await sink.read(key) for key in keys]
+            started = time.perf_counter()
+            for key, body in zip(keys, bodies, strict=True):
+                await client.put_object(Bucket="bench", Key=f"raw/{key}", Body=body)
+            raw_seconds = time.perf_counter() - started
+            # The naive archiver: read one entry, write it as its own object, acknowledge it.
+            naive_count = 1000
+            client_redis = redis.asyncio.Redis(port=server.port)
+            await client_redis.xgroup_create(STREAM, "naive-archiver", id="0")
+            started = time.perf_counter()
+            for _ in range(naive_count):
+                response: Any = await client_redis.xreadgroup(
+                    "naive-archiver", "naive", {STREAM: ">"}, count=1
+                )
+                raw_id, fields = response[0][1][0]
+                event = decode_entry(raw_id.decode(), fields)
+                assert isinstance(event, ValidEvent)
+                key = object_key("naive", event.project, "day", STREAM, event.entry_id)
+                await sink.create_if_absent(key, event.raw + b"\n")
+                await client_redis.xack(STREAM, "naive-archiver", raw_id)
+            naive_seconds = time.perf_counter() - started
+            await client_redis.aclose()
+            return seconds, raw_seconds, naive_count / naive_seconds, len(keys)
+
+    seconds, raw_seconds, naive_rate, objects = asyncio.run(run())
+    overhead = (seconds / raw_seconds - 1) * 100
+    return [
+        Row(
+            f"archiver drain, {count:,} events to S3 (moto)",
+            "events/s",
+            count / seconds,
+            naive_rate,
+            count / raw_seconds,
+            notes={"seconds": seconds, "raw_put_seconds": raw_seconds, "objects": objects},
+        ),
+        Row(
+            "archiver overhead over raw PUTs of the same objects",
+            "%",
+            overhead,
+            target="<= 20%",
+            met=overhead <= 20,
+        ),
+    ]
+
+
+# ---- footprint --------------------------------------------------------------------
+
+
+def footprint(server: DevServer, load_events: int) -> list[Row]:
+    fresh(server)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_TRACKING_")}
+    env.update(
+        TASK_TRACKING_REDIS_URL=server.url,
+        TASK_TRACKING_HTTP_PORT=str(port),
+        TASK_TRACKING_LOG_LEVEL="warning",
+    )
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = _wait_ready(port, process) - started
+        rss_idle, cpu_idle = _idle(process.pid)
+        prefill(server.port, encoded(load_events))
+        rss_load = _rss_until_drained(server, process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    fresh(server)
+    started = time.perf_counter()
+    baseline = subprocess.Popen(
+        [sys.executable, "-m", "bench.naive", server.url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=server.port)
+        while not client.exists(STREAM):  # the naive consumer creates its group first
+            time.sleep(0.01)
+        naive_ready = time.perf_counter() - started
+        naive_rss, naive_cpu = _idle(baseline.pid)
+    finally:
+        baseline.terminate()
+        baseline.wait(timeout=15)
+    assert server.process is not None
+    redis_rss, redis_cpu = _idle(server.process.pid)
+    return [
+        Row(
+            "ready (start to /readyz 200)",
+            "s",
+            ready,
+            naive_ready,
+            target="<= 1.5 s",
+            met=ready <= 1.5,
+        ),
+        Row(
+            "RSS idle",
+            "MiB",
+            rss_idle,
+            naive_rss,
+            redis_rss,
+            target="<= 80 MiB",
+            met=rss_idle <= 80,
+        ),
+        Row(f"RSS under load ({load_events:,} events)", "MiB", rss_load),
+        Row(
+            "CPU idle",
+            "% of a core",
+            cpu_idle,
+            naive_cpu,
+            redis_cpu,
+            target="<= 0.5%",
+            met=cpu_idle <= 0.5,
+        ),
+    ]
+
+
+def _wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError("the sidecar exited at start")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as reply:
+                if reply.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.01)
+
+
+def _idle(pid: int, settle: float = 2.0, window: float = 10.0) -> tuple[float, float]:
+    """RSS (MiB) and CPU (% of one core) of a process left idle for `window` seconds."""
+    time.sleep(settle)
+    cpu = proc_cpu_seconds(pid)
+    time.sleep(window)
+    return proc_rss_mib(pid), (proc_cpu_seconds(pid) - cpu) / window * 100
+
+
+def _rss_until_drained(server: DevServer, pid: int) -> float:
+    client = redis.Redis(port=server.port)
+    peak = 0.0
+    while True:
+        peak = max(peak, proc_rss_mib(pid))
+        groups = client.xinfo_groups(STREAM)
+        if groups and all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
+            return peak
+        time.sleep(0.05)
