@@ -119,6 +119,8 @@ def _docker_answers() -> bool:
 class MotoServer:
     """moto's S3 server in its own process, over HTTP on loopback."""
 
+    access_key = secret_key = "test"
+
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -145,8 +147,8 @@ class MotoServer:
             "s3",
             endpoint_url=self.url,
             region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
         )
 
     def reset(self) -> None:
@@ -160,26 +162,64 @@ class MotoServer:
         self.process.wait(timeout=10)
 
 
+class MinioServer(MotoServer):
+    """MinIO in Docker, through testcontainers (TASK_TRACKING_TEST_S3=minio)."""
+
+    access_key = "minioadmin"
+    secret_key = "minioadmin"  # a throwaway test container
+
+    def __init__(self) -> None:
+        if not _docker_answers():
+            pytest.fail("TASK_TRACKING_TEST_S3=minio needs a Docker engine", pytrace=False)
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        self.container = (
+            DockerContainer("minio/minio:RELEASE.2025-04-22T22-12-26Z")
+            .with_command("server /data")
+            .with_exposed_ports(9000)
+        )
+        self.container.start()
+        wait_for_logs(self.container, "API:", timeout=60)
+        self.port = int(self.container.get_exposed_port(9000))
+        self.url = f"http://{self.container.get_container_host_ip()}:{self.port}"
+
+    def reset(self) -> None:
+        client = self.client()
+        for bucket in client.list_buckets().get("Buckets", []):
+            name = bucket["Name"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for item in page.get("Contents", ()):
+                    client.delete_object(Bucket=name, Key=item["Key"])
+            client.delete_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.container.stop()
+
+
 @pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    server = MotoServer()
+def s3_server() -> Iterator[MotoServer]:
+    """moto in server mode (default), or MinIO through testcontainers when
+    TASK_TRACKING_TEST_S3=minio and a Docker engine answers."""
+    kind = os.environ.get("TASK_TRACKING_TEST_S3", "moto")
+    server = MinioServer() if kind == "minio" else MotoServer()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def s3(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+def s3(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
     """The S3 server, emptied, with the AWS variables pointing at it for this test."""
-    moto_server.reset()
-    for name, value in s3_environment(moto_server).items():
+    s3_server.reset()
+    for name, value in s3_environment(s3_server).items():
         monkeypatch.setenv(name, value)
-    return moto_server
+    return s3_server
 
 
 def s3_environment(server: MotoServer) -> dict[str, str]:
     return {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": server.url,
     }
