@@ -9,14 +9,16 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
-from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.config import ConfigError, Settings, load_settings, redact
 from sidecar.events import describe_event_error
 from sidecar.logs import configure_logging
 
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"task-tracking: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RedisError as exc:
+        print(f"task-tracking: Redis: {redact(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -211,16 +216,23 @@ async def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_status(args: argparse.Namespace) -> int:
+@asynccontextmanager
+async def projection_reader() -> AsyncIterator[Any]:
+    """A decoding Redis client for the read commands, closed on exit."""
     from sidecar.connections import connect
-    from sidecar.keys import execution_key
 
-    settings = client_settings()
-    redis = connect(settings.redis_url, decode_responses=True)
+    redis = connect(client_settings().redis_url, decode_responses=True)
     try:
-        state: Any = await redis.hgetall(execution_key(args.execution_id))
+        yield redis
     finally:
         await redis.aclose()
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.keys import execution_key
+
+    async with projection_reader() as redis:
+        state: Any = await redis.hgetall(execution_key(args.execution_id))
     if not state:
         print(f"no execution {args.execution_id!r} in the projection", file=sys.stderr)
         return 1
@@ -234,20 +246,15 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    from sidecar.connections import connect
     from sidecar.keys import execution_key, project_index_key
 
-    settings = client_settings()
-    redis = connect(settings.redis_url, decode_responses=True)
-    try:
+    fields = ("taskName", "status", "occurredAt", "eventId")
+    async with projection_reader() as redis:
         ids: Any = await redis.zrevrange(project_index_key(args.project), 0, args.limit - 1)
         rows = []
         for execution_id in ids:
-            fields = ("taskName", "status", "occurredAt", "eventId")
             values = await redis.hmget(execution_key(execution_id), fields)
             rows.append({"executionId": execution_id, **dict(zip(fields, values, strict=True))})
-    finally:
-        await redis.aclose()
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0

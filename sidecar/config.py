@@ -8,9 +8,10 @@ start-up with one line naming the variable and the fix (`ConfigError`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -152,17 +153,14 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"{variable} is required: set it{hint}"
     shown = error.get("input")
     if field == "redis_url" and isinstance(shown, str):
-        shown = redact_url(shown)
+        shown = redact(shown)
     return f"{variable}={shown!r} is invalid: {message}"
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', safe to log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+# scheme://user:password@host -> scheme://user:***@host
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, a message, a traceback) with every URL password replaced by `***`."""
+    return URL_PASSWORD.sub(r"\g<head>***@", text)

@@ -8,13 +8,14 @@ session tokens at debug level) are kept at info or above.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from sidecar.config import redact
 
 # Attributes a log call may pass in `extra=` (or a ContextLogger) that are worth a key.
 CONTEXT_FIELDS = (
@@ -27,15 +28,8 @@ CONTEXT_FIELDS = (
     "resource",
     "generation",
 )
-# scheme://user:password@host -> scheme://user:***@host
-URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/\s]+@")
 # Loggers that log credentials (request headers, session tokens) at debug level.
 CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3")
-
-
-def redact(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***`."""
-    return URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 class ContextLogger(logging.LoggerAdapter[logging.Logger]):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sidecar.config import ConfigError, load_settings, redact_url
+from sidecar.config import ConfigError, load_settings, redact
 
 
 def test_contract_defaults() -> None:
@@ -53,7 +53,7 @@ def test_bad_values_give_one_line_naming_the_variable(env: dict[str, str], messa
 
 
 def test_password_never_printed() -> None:
-    assert redact_url("redis://user:s3cret@host:6380/0") == "redis://user:***@host:6380/0"
+    assert redact("redis://user:s3cret@host:6380/0") == "redis://user:***@host:6380/0"
     with pytest.raises(ConfigError) as caught:
         load_settings({"TASK_TRACKING_REDIS_URL": "http://user:s3cret@host"})
     assert "s3cret" not in str(caught.value)
