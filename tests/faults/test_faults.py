@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +163,8 @@ async def check_invariant(
         )
         assert set(dead) == set(producer.invalid_ids)
         assert max(dead.values(), default=1) == 1, "an invalid entry was dead-lettered twice"
+        # bounded: once both groups have everything, retention trims the stream (every 15 s)
+        await wait_for(lambda: _stream_empty(client), 40, "the stream trimmed")
     finally:
         await client.aclose()
     archive = check_exactly_once(archive_objects_s3(s3.client(), BUCKET), producer.valid_raw)
@@ -174,6 +178,10 @@ async def check_invariant(
         found_written=sum(p.log().count("already holds") for p in processes),
     )
     print("\nfault figures:", " ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+async def _stream_empty(client: aioredis.Redis) -> bool:
+    return int(await client.xlen(STREAM)) == 0
 
 
 async def test_repeated_sigkill_while_uploads_are_in_flight(
@@ -195,6 +203,30 @@ async def test_repeated_sigkill_while_uploads_are_in_flight(
         s3_proxy.delay = 0
         await check_invariant(redis_server.url, producer, s3, {"kills": kills}, [process])
         assert process.terminate() == 0, process.log()
+
+        # A lost Redis is recovered from the archive: wipe the projection, replay, compare.
+        client = aioredis.Redis.from_url(redis_server.url)
+        expected = expected_projection(producer.valid)
+        before = await projection(client, expected)
+        await client.delete(*await client.keys("task-tracking:*"))
+        replay_env = process.env | {"TASK_TRACKING_LOG_LEVEL": "warning"}
+        replay = subprocess.run(
+            [sys.executable, "-m", "sidecar", "replay", "--no-progress"],
+            env=replay_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert replay.returncode == 0, replay.stderr
+        print(replay.stdout.strip())
+        after = await projection(client, expected)
+        await client.aclose()
+        for execution_id in expected:
+            rebuilt, original = dict(after[execution_id]), dict(before[execution_id])
+            assert rebuilt.pop("streamId").startswith("archive:")
+            original.pop("streamId")
+            assert rebuilt == original
     finally:
         process.kill()
 
