@@ -31,8 +31,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RetentionSpec:
+    """What a TaskTracking's ``spec.retention`` asks for; None leaves the environment's."""
+
+    projection_ttl_seconds: int | None = None
+    project_index_max_age_days: int | None = None
+    project_index_max_size: int | None = None
+
+
+@dataclass(frozen=True)
 class ArchiveSpec:
-    """What a TaskTracking's ``spec.archive`` asks for (camelCase in the resource)."""
+    """What a TaskTracking's ``spec.archive`` (and ``spec.retention``) asks for."""
 
     enabled: bool
     bucket: str | None
@@ -42,6 +51,7 @@ class ArchiveSpec:
     flush_max_events: int | None = None
     flush_max_bytes: int | None = None
     flush_max_age_seconds: float | None = None
+    retention: RetentionSpec = field(default_factory=RetentionSpec)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ import kopf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from pydantic.alias_generators import to_camel
 
-from sidecar.archive_switch import ArchiveControl, ArchiveSpec, ArchiveState
+from sidecar.archive_switch import ArchiveControl, ArchiveSpec, ArchiveState, RetentionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,21 @@ class _ArchiveModel(_Model):
     flush: _FlushModel | None = None
 
 
+class _RetentionModel(_Model):
+    projection_ttl_seconds: int | None = Field(None, ge=0)
+    project_index_max_age_days: int | None = Field(None, ge=0)
+    project_index_max_size: int | None = Field(None, ge=0)
+
+
 def parse_archive_spec(spec: Mapping[str, Any]) -> ArchiveSpec:
     """Parse a TaskTracking ``spec`` into an ArchiveSpec; raises InvalidSpecError (one line)."""
-    archive = spec.get("archive", {})
     try:
-        model = _ArchiveModel.model_validate(archive)
+        model = _ArchiveModel.model_validate(spec.get("archive", {}))
+        retention = _RetentionModel.model_validate(spec.get("retention") or {})
     except ValidationError as e:
         error = e.errors()[0]
-        where = ".".join(str(part) for part in ("spec", "archive", *error["loc"]))
+        section = "archive" if e.title == _ArchiveModel.__name__ else "retention"
+        where = ".".join(str(part) for part in ("spec", section, *error["loc"]))
         raise InvalidSpecError(f"{where}: {error['msg']}") from None
     if model.enabled and not model.bucket:
         raise InvalidSpecError(
@@ -120,6 +127,11 @@ def parse_archive_spec(spec: Mapping[str, Any]) -> ArchiveSpec:
         flush_max_events=flush.max_events,
         flush_max_bytes=flush.max_bytes,
         flush_max_age_seconds=flush.max_age_seconds,
+        retention=RetentionSpec(
+            projection_ttl_seconds=retention.projection_ttl_seconds,
+            project_index_max_age_days=retention.project_index_max_age_days,
+            project_index_max_size=retention.project_index_max_size,
+        ),
     )
 
 

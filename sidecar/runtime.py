@@ -20,6 +20,7 @@ from sidecar.archive_switch import (
     ArchiveState,
     ArchiveSwitch,
     ArchiveTarget,
+    RetentionSpec,
     S3Clients,
     runner_options,
 )
@@ -220,6 +221,7 @@ class Sidecar:
     async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
         """The custom resource's path into `apply_archive_target` (an `ArchiveControl`)."""
         target = None if spec is None else self._target_of(spec)
+        self._apply_retention(spec.retention if spec is not None else RetentionSpec())
         error = await self.apply_archive_target(target)
         current = self.archive.target
         return ArchiveState(
@@ -227,6 +229,23 @@ class Sidecar:
             bucket=current.label if current.enabled else current.bucket,
             prefix=current.prefix,
             last_error=error,
+        )
+
+    def _apply_retention(self, spec: RetentionSpec) -> None:
+        """The resource's retention, each value falling back to the environment's."""
+        settings = self.settings
+
+        def pick(value: int | None, default: int) -> int:
+            return default if value is None else value
+
+        self.projector.finished_ttl_seconds = pick(
+            spec.projection_ttl_seconds, settings.projection_ttl_seconds
+        )
+        self.retention.index_max_age_days = pick(
+            spec.project_index_max_age_days, settings.project_index_max_age_days
+        )
+        self.retention.index_max_size = pick(
+            spec.project_index_max_size, settings.project_index_max_size
         )
 
     def _target_of(self, spec: ArchiveSpec) -> ArchiveTarget:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.archive_switch import RetentionSpec
 from sidecar.operator import ArchiveSpec, ArchiveState, ResourceWatch, parse_archive_spec
 
 from .api import KubeAPI
@@ -438,4 +439,14 @@ def test_spec_fields_map_from_camel_case() -> None:
             "retention": {"projectionTtlSeconds": 60},
         }
     )
-    assert spec == ArchiveSpec(True, "b-bucket", "p", "eu-west-1", "http://minio:9000", 10, 2048, 5)
+    assert spec == ArchiveSpec(
+        True,
+        "b-bucket",
+        "p",
+        "eu-west-1",
+        "http://minio:9000",
+        10,
+        2048,
+        5,
+        retention=RetentionSpec(projection_ttl_seconds=60),
+    )

@@ -211,3 +211,32 @@ async def test_two_sidecars_on_one_resource_each_report_their_own_status(
     if api.requests is not None:  # the in-memory API also shows every write
         writes = [r for r in api.requests if r.method in ("PATCH", "PUT")]
         assert all(r.path.endswith("/status") for r in writes)
+
+
+async def test_resource_retention_overrides_the_environment_and_delete_restores_it(
+    api: Any, redis_url: str
+) -> None:
+    async with running_sidecar(
+        redis_url, resource_name=NAME, namespace=NS, projection_ttl_seconds=60
+    ) as sidecar:
+        body = resource(enabled=False)
+        body["spec"]["retention"] = {"projectionTtlSeconds": 3600, "projectIndexMaxSize": 50}
+        await api.create(NS, body)
+        await wait_for(
+            lambda: (
+                sidecar.projector.finished_ttl_seconds == 3600
+                and sidecar.retention.index_max_size == 50
+            ),
+            timeout=5,
+            message="retention from the resource",
+        )
+        assert sidecar.retention.index_max_age_days == 0  # not in the resource: environment
+        await api.delete(NS, NAME)
+        await wait_for(
+            lambda: (
+                sidecar.projector.finished_ttl_seconds == 60
+                and sidecar.retention.index_max_size == 0
+            ),
+            timeout=5,
+            message="environment retention restored",
+        )
