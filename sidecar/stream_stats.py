@@ -64,6 +64,8 @@ class StreamStatsSampler:
                 await self.sample()
             except (RedisError, OSError) as exc:
                 log.debug("stream statistics unavailable: %s", exc)
+            except Exception:  # a bug here must not take liveness down with it
+                log.exception("sampling stream statistics failed")
             if self.after_sample is not None:
                 self.after_sample()
             with contextlib.suppress(TimeoutError):
@@ -92,10 +94,12 @@ class StreamStatsSampler:
             lag = info.get("lag")
             if lag is None:
                 lag = await self.lag_without_redis(info)
-            pending = int(info["pending"])
+            # XPENDING, read after XINFO, is the consistent pair of count and oldest ID:
+            # entries acknowledged in between leave no oldest.
+            summary: Any = await self.redis.xpending(self.stream, name)
+            pending = int(summary["pending"])
             oldest_age = 0.0
-            if pending:
-                summary = await self.redis.xpending(self.stream, name)
+            if pending and summary["min"] is not None:
                 oldest_ms = int(_text(summary["min"]).split("-", 1)[0])
                 oldest_age = max(0.0, (now_ms - oldest_ms) / 1000)
             self.metrics.lag.labels(name).set(int(lag))

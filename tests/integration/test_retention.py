@@ -105,7 +105,8 @@ async def test_project_indexes_trimmed_by_size_and_age_and_finished_hashes_expir
         projection_ttl_seconds=3600,
     ) as sidecar:
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
-        assert await sidecar.retention.trim_indexes() == 7  # 5 by age, then 2 by size
+        # the background pass may have run already: trim now, then check what is left
+        assert 0 <= await sidecar.retention.trim_indexes() <= 7  # 5 by age, then 2 by size
     members = await redis_client.zrange("task-tracking:project:o/r:executions", 0, -1)
     assert members == [f"new{n}".encode() for n in range(2, 10)]
     assert 0 < await redis_client.ttl("task-tracking:execution:new0") <= 3600
