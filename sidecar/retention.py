@@ -92,6 +92,8 @@ class StreamRetention:
                     self._next_index_pass = time.monotonic() + self.index_interval
             except (RedisError, OSError) as exc:
                 log.debug("retention pass skipped: %s", exc)
+            except Exception:  # a bug here must not take liveness down with it
+                log.exception("retention pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
 
