@@ -195,8 +195,10 @@ class ArchiveSwitch:
 
     def health(self) -> str | None:
         """None when archival is off or working; else why it is not."""
-        if not self.target.enabled or self.runner is None:
+        if not self.target.enabled:
             return None
+        if self.runner is None:
+            return self.last_error or "archival is on but no archiver runs"
         if self._task is not None and self._task.done():
             return "archiver task ended unexpectedly"
         if not self.runner.ready.is_set():
@@ -218,6 +220,9 @@ class ArchiveSwitch:
                     await sink.check()
             except SinkError as exc:
                 self.last_error = str(exc)
+                if not check:  # the environment's own target: on, failing, visible in /readyz
+                    await self._stop_runner()
+                    self.target = target
                 log.error(
                     "archive configuration refused, keeping the current one: %s",
                     exc,
@@ -229,7 +234,8 @@ class ArchiveSwitch:
         self.target = target
         self.last_error = None
         if sink is not None:
-            await self._report_gaps()
+            with contextlib.suppress(RedisError):  # Redis away: reported at the next switch
+                await self._report_gaps()
             await self._start_runner(target, sink)
             self.metrics.archive_enabled.labels(target.label).set(1)
             log.info(
@@ -268,7 +274,12 @@ class ArchiveSwitch:
             raise SinkError(
                 "archival is enabled but no bucket is set", "config", configuration=True
             )
-        client = await self.s3_clients.get(target.region, target.endpoint_url)
+        try:
+            client = await self.s3_clients.get(target.region, target.endpoint_url)
+        except Exception as exc:  # e.g. a malformed endpoint URL
+            raise SinkError(
+                f"cannot create the S3 client: {exc}", "ClientConfig", configuration=True
+            ) from exc
         return S3Sink(client, target.bucket)
 
     async def _start_runner(self, target: ArchiveTarget, sink: ArchiveSink) -> None:

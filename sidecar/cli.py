@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -38,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except RedisError as exc:
         print(f"task-tracking: Redis: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the HTTP port is taken
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                "task-tracking: TASK_TRACKING_HTTP_PORT: the port is in use;"
+                " set another one (or stop what listens on it)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        print(f"task-tracking: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

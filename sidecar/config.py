@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     redis_consumer_name: str = Field("alakai", min_length=1)
     # How many entries one XREADGROUP returns, and how long it blocks when idle.
     redis_batch_size: int = Field(500, ge=1, le=100_000)
-    redis_block_ms: int = Field(5000, ge=10, le=20_000)
+    # At most 5 s: a stop waits for the read in hand (SIGTERM drain budget: 10 s).
+    redis_block_ms: int = Field(5000, ge=10, le=5000)
     # A consumer that has not read for this long is taken for dead; its pending
     # entries are claimed by a live replica, as one set.
     redis_claim_idle_ms: int = Field(60_000, ge=1000)

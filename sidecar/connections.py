@@ -36,8 +36,8 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
     # granting it would not load there; without it one ACL line (LEAST_PRIVILEGE_ACL) fits all.
     options.update(NO_CLIENT_SETINFO)
     options.setdefault("socket_connect_timeout", 5)
-    # Longer than the longest blocking read (TASK_TRACKING_REDIS_BLOCK_MS, at most 20 s).
-    options.setdefault("socket_timeout", 30)
+    # Longer than the longest blocking read (TASK_TRACKING_REDIS_BLOCK_MS, at most 5 s).
+    options.setdefault("socket_timeout", 15)
     options.setdefault("health_check_interval", 30)
     scheme, rest = url.split("://", 1)
     if scheme in CLUSTER_SCHEMES:

@@ -54,6 +54,17 @@ return -1
 """
 
 
+# KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1] group, ARGV[2] entry ID,
+# ARGV[3…] the dead-letter entry's fields. Dead-letters only what this call acknowledged.
+ACK_THEN_DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  return 1
+end
+return 0
+"""
+
+
 class WorkerError(Exception):
     """A failure the worker explains in its message (a bucket missing, say): logged as
     one line, without a traceback, and retried with backoff."""
@@ -135,7 +146,7 @@ class ConsumerGroupRunner:
                 if not self._recovered:
                     await self._recover_own_pending()
                     self._recovered = True
-                await self._settle()  # a batch left in hand by a lost connection
+                await self._settle()  # invalid entries and acknowledgements still owed
                 self._mark_ready()
                 backoff = self.options.backoff_initial
                 while not self._stopping.is_set():
@@ -149,6 +160,10 @@ class ConsumerGroupRunner:
                 raise
             except Exception as exc:
                 self._mark_not_ready(exc)
+                # A reply lost with the connection may have delivered entries we never
+                # saw: re-read the whole pending list on the way back (the handler
+                # ignores what it already holds; the archiver finds what it wrote).
+                self._recovered = False
                 delay = backoff * (0.5 + random.random() / 2)
                 backoff = min(backoff * 2, self.options.backoff_max)
                 if await self._wait_stopping(delay):
@@ -209,7 +224,8 @@ class ConsumerGroupRunner:
                 raise
 
     async def _recover_own_pending(self) -> None:
-        """Re-read this consumer's whole pending list and settle it as one batch.
+        """Re-read this consumer's whole pending list and settle it as one batch (on
+        start, and after any failure).
 
         One batch, so a worker that groups entries (the archiver) forms exactly
         the groups it formed before a crash; see README "Exactly once".
@@ -299,26 +315,36 @@ class ConsumerGroupRunner:
                 entry.reason,
                 extra={"stream_id": entry.entry_id, "execution_id": _execution_id(entry.raw)},
             )
-        # Standalone Redis: dead-letter and acknowledgement in one MULTI, so a
-        # crash cannot dead-letter an entry twice. A cluster keeps the two
-        # streams on different slots: dead-letter first, then acknowledge.
-        transaction = isinstance(self.redis, Redis)
-        async with self.redis.pipeline(transaction=transaction) as pipe:
+        # Standalone Redis: one script per entry acknowledges it and, only if that
+        # acknowledgement took, dead-letters it: a retry after a lost reply, or an
+        # entry someone else settled, adds nothing. A cluster keeps the two streams
+        # on different slots: dead-letter first, then acknowledge (at least once).
+        standalone = isinstance(self.redis, Redis)
+        async with self.redis.pipeline(transaction=False) as pipe:
             for entry in self._invalid:
-                fields: dict[Any, Any] = {
-                    "error": entry.reason,
-                    "sourceId": entry.entry_id,
-                    "group": self.group,
-                }
+                fields: list[Any] = ["error", entry.reason, "sourceId", entry.entry_id]
+                fields += ["group", self.group]
                 if entry.raw is not None:
-                    fields = {"event": entry.raw, **fields}
-                pipe.xadd(self.dead_letter_key, fields)
-            if transaction:
-                pipe.xack(self.stream, self.group, *(e.entry_id for e in self._invalid))
-            await pipe.execute()
-        if not transaction:
+                    fields = ["event", entry.raw, *fields]
+                if standalone:
+                    pipe.eval(
+                        ACK_THEN_DEAD_LETTER,
+                        2,
+                        self.stream,
+                        self.dead_letter_key,
+                        self.group,
+                        entry.entry_id,
+                        *fields,
+                    )
+                else:
+                    pipe.execute_command("XADD", self.dead_letter_key, "*", *fields)
+            results = await pipe.execute()
+        if standalone:
+            dead_lettered = sum(results)
+        else:
             await self.redis.xack(self.stream, self.group, *(e.entry_id for e in self._invalid))
-        self.metrics.dead_lettered.labels(self.group).inc(len(self._invalid))
+            dead_lettered = len(self._invalid)
+        self.metrics.dead_lettered.labels(self.group).inc(dead_lettered)
         self._invalid.clear()
 
     # ---- claiming --------------------------------------------------------

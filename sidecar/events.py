@@ -158,6 +158,9 @@ def decode_entry(entry_id: str, fields: dict[bytes, bytes]) -> ValidEvent | Inva
     raw = fields.get(EVENT_FIELD)
     if raw is None:
         return InvalidEntry(entry_id, None, "entry has no 'event' field")
+    if b"\n" in raw or b"\r" in raw:
+        # An archive line holds one event as it stood in the stream.
+        return InvalidEntry(entry_id, raw, "event JSON must be on one line (no raw line breaks)")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -290,6 +290,7 @@ class ResourceWatch:
         except Exception as e:  # the runtime failed: report it, never crash the watch
             logger.exception("Applying TaskTracking %r failed.", self.resource_name)
             self._error = f"{type(e).__name__}: {e}"
+            self._handled_generation = None  # not the spec's fault: try again on the next event
         else:
             self._state = state
             self._error = state.last_error

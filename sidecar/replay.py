@@ -103,8 +103,12 @@ async def replay_archive(
 
 async def _sink(target: ArchiveTarget, clients: S3Clients) -> ArchiveSink:
     if target.sink == "folder":
-        if target.folder is None:
-            raise SinkError("TASK_TRACKING_ARCHIVE_FOLDER is not set", "config")
+        if target.folder is None or not target.folder.is_dir():
+            raise SinkError(
+                f"TASK_TRACKING_ARCHIVE_FOLDER={target.folder}: not a folder; set it to the"
+                " archive's folder",
+                "config",
+            )
         return FolderSink(target.folder)
     if not target.bucket:
         raise SinkError(

@@ -113,11 +113,13 @@ class StreamRetention:
             return 0  # nobody has read anything yet, or the archiver's group is not there yet
         floor: str | None = None
         archiver_floor: str | None = None
+        archiver_delivered = "0-0"
         for info in groups:
             name = _text(info["name"])
             keep_from = await self._keep_from(name, info)
             if name == self.archiver_group and not self.archiving():
                 archiver_floor = keep_from
+                archiver_delivered = _text(info["last-delivered-id"])
                 continue
             if floor is None or id_order(keep_from) < id_order(floor):
                 floor = keep_from
@@ -127,7 +129,7 @@ class StreamRetention:
             if floor is None or id_order(held) < id_order(floor):
                 floor = held
             if floor is not None and id_order(archiver_floor) < id_order(floor):
-                await self._record_gap(archiver_floor, floor)
+                await self._record_gap(archiver_floor, archiver_delivered, floor)
         removed = 0
         if floor is not None:
             removed = int(await self.redis.xtrim(self.stream, minid=floor, approximate=False))
@@ -141,26 +143,47 @@ class StreamRetention:
         """The first entry the group still needs: its oldest pending one, else the next new one."""
         if int(info["pending"]):
             summary: Any = await self.redis.xpending(self.stream, group)
-            return _text(summary["min"])
+            if summary["min"] is not None:  # else acknowledged since XINFO
+                return _text(summary["min"])
         return next_id(_text(info["last-delivered-id"]))
 
-    async def _record_gap(self, first: str, until: str) -> None:
-        """Entries [first, until) will be trimmed before the archiver (switched off) reads them."""
-        count = await self._count(first, until)
+    async def _record_gap(self, first: str, delivered: str, until: str) -> None:
+        """The switched-off archiver's entries before `until` are about to be trimmed: its
+        pending ones and the undelivered ones after `delivered`. Record and count them, and
+        move its position forward past them (never backward)."""
+        pending: Any = await self.redis.xpending_range(
+            self.stream, self.archiver_group, min="-", max=f"({until}", count=COUNT_PAGE * 10
+        )
+        if pending:  # acknowledged as skipped, so the next pass does not count them again
+            await self.redis.xack(
+                self.stream, self.archiver_group, *(_text(row["message_id"]) for row in pending)
+            )
+        count = len(pending)
+        undelivered_from = next_id(delivered)
+        if id_order(undelivered_from) < id_order(until):
+            count += await self._count(undelivered_from, until)
         if not count:
             return
-        await self.redis.hset(self.gaps_key, first, f"{until} {count}")
         self.metrics.archive_skipped.inc(count)
+        # One record per stretch of archival being off: extend the latest if it reaches here.
+        gaps = await self.archive_gaps()
+        latest = max(gaps, key=id_order, default=None)
+        if latest is not None:
+            latest_until, _, latest_count = gaps[latest].partition(" ")
+            if id_order(latest_until) >= id_order(first):
+                first, count = latest, count + int(latest_count)
+        await self.redis.hset(self.gaps_key, first, f"{until} {count}")
         log.warning(
-            "archival is off: %d entries from %s before %s are trimmed unarchived (recorded in %s)",
-            count,
+            "archival is off: entries from %s before %s are trimmed unarchived (%d so far;"
+            " recorded in %s)",
             first,
             until,
+            count,
             self.gaps_key,
         )
         # The archiver group moves past them, so its position no longer pins the stream.
-        last: Any = await self.redis.xrevrange(self.stream, max=f"({until}", min=first, count=1)
-        if last:
+        last: Any = await self.redis.xrevrange(self.stream, max=f"({until}", count=1)
+        if last and id_order(_text(last[0][0])) > id_order(delivered):
             await self.redis.xgroup_setid(self.stream, self.archiver_group, _text(last[0][0]))
 
     async def _count(self, first: str, until: str) -> int:

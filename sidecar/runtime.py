@@ -132,7 +132,11 @@ class Sidecar:
         """Drain the workers, then stop the watch, the statistics and the HTTP server."""
         log.info("stopping: draining workers")
         await self.projector_runner.stop()
-        await asyncio.gather(self._join("projector"), self.archive.close(), return_exceptions=True)
+        await asyncio.gather(
+            self._join("projector"),
+            asyncio.wait_for(self.archive.close(), STOP_TIMEOUT_SECONDS),
+            return_exceptions=True,
+        )
         await self._join("archive-switch")
         if self.watch is not None:
             await self.watch.stop()
@@ -151,7 +155,15 @@ class Sidecar:
     async def _start_watch(self) -> None:
         if not self.settings.resource_name:
             return
-        from sidecar.operator import ResourceWatch  # imports kopf: only when watching
+        from sidecar.operator import ResourceWatch, has_kubernetes_credentials  # kopf
+
+        if not has_kubernetes_credentials():
+            log.info(
+                "no Kubernetes service account or kubeconfig: TaskTracking %r is not watched;"
+                " the environment's configuration applies",
+                self.settings.resource_name,
+            )
+            return
 
         self.watch = ResourceWatch(
             self,
@@ -221,8 +233,9 @@ class Sidecar:
     async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
         """The custom resource's path into `apply_archive_target` (an `ArchiveControl`)."""
         target = None if spec is None else self._target_of(spec)
-        self._apply_retention(spec.retention if spec is not None else RetentionSpec())
         error = await self.apply_archive_target(target)
+        if error is None:  # a refused spec changes nothing, retention included
+            self._apply_retention(spec.retention if spec is not None else RetentionSpec())
         current = self.archive.target
         return ArchiveState(
             archiving=current.enabled,

@@ -201,7 +201,12 @@ class FolderSink:
         return True
 
     async def read(self, key: str) -> bytes:
-        return await asyncio.to_thread((self.root / key).read_bytes)
+        try:
+            return await asyncio.to_thread((self.root / key).read_bytes)
+        except OSError as exc:
+            raise SinkError(
+                f"{self.description}: cannot read {key}: {exc.strerror}", type(exc).__name__
+            ) from exc
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         keys = await asyncio.to_thread(self._list, prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import redis.asyncio as aioredis
 
 from sidecar.archive_switch import ArchiveTarget
@@ -50,7 +51,7 @@ async def test_switched_off_archiver_pins_then_gap_is_recorded_and_reported(
     folder = tmp_path / "archive"
     on = ArchiveTarget(enabled=True, sink="folder", folder=folder, policy=FAST)
     first = [event(f"g{n}", "success") for n in range(20)]
-    skipped = [event(f"h{n}", "success") for n in range(30)]
+    skipped = [event(f"h{n}", "success") for n in range(30)]  # and 5 more below
     later = [event(f"i{n}", "success") for n in range(10)]
     async with running_sidecar(redis_url, archive_off_pin_seconds=86_400) as sidecar:
         await sidecar.apply_archive_target(on)
@@ -67,6 +68,14 @@ async def test_switched_off_archiver_pins_then_gap_is_recorded_and_reported(
         gaps = await sidecar.retention.archive_gaps()
         assert [value.split()[1] for value in gaps.values()] == ["30"]
         assert sidecar.metrics.archive_skipped._value.get() == 30
+        # while it stays off, later passes extend the one record; nothing is counted twice
+        await publish(redis_client, STREAM, [event(f"j{n}", "success") for n in range(5)])
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+        await sidecar.retention.trim_stream()
+        await sidecar.retention.trim_stream()
+        gaps = await sidecar.retention.archive_gaps()
+        assert [value.split()[1] for value in gaps.values()] == ["35"]
+        assert sidecar.metrics.archive_skipped._value.get() == 35
         await sidecar.apply_archive_target(on)
         await publish(redis_client, STREAM, later)
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
@@ -111,3 +120,51 @@ async def test_project_indexes_trimmed_by_size_and_age_and_finished_hashes_expir
     assert members == [f"new{n}".encode() for n in range(2, 10)]
     assert 0 < await redis_client.ttl("task-tracking:execution:new0") <= 3600
     assert await redis_client.ttl("task-tracking:execution:run") == -1  # not finished: kept
+
+
+async def test_gap_counts_only_unarchived_entries_and_never_moves_the_archiver_back(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    folder = tmp_path / "archive"
+    on = ArchiveTarget(enabled=True, sink="folder", folder=folder, policy=FAST)
+    first = [event(f"p{n}", "success") for n in range(10)]
+    stuck = [event("stuck", "success")]
+    later = [event(f"q{n}", "success") for n in range(5)]
+    async with running_sidecar(redis_url) as sidecar:
+        await sidecar.apply_archive_target(on)
+        await publish(redis_client, STREAM, first)
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
+        # a consumer that read one entry and vanished: it stays pending in the archiver group
+        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await publish(redis_client, STREAM, stuck)
+        await redis_client.xreadgroup(ARCHIVER, "ghost", {STREAM: ">"}, count=1)
+        await sidecar.apply_archive_target(on)
+        await publish(redis_client, STREAM, later)
+        await wait_for(lambda: _archived(folder) == 15, message="later archived")
+        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+        sidecar.retention.archive_off_pin_seconds = 0
+        await sidecar.retention.trim_stream()
+        gaps = await sidecar.retention.archive_gaps()
+        assert [value.split()[1] for value in gaps.values()] == ["1"]  # only the stuck one
+        await sidecar.apply_archive_target(on)
+        await publish(redis_client, STREAM, [event("after", "success")])
+        await wait_for(lambda: _archived(folder) == 16, message="archival resumed")
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
+    from tests.integration.test_archiver import raw
+
+    # everything but the stuck entry, once; the stuck one is the recorded gap
+    expected = [*raw(first), *raw(later), archive_line(folder, "after")]
+    check_exactly_once(archive_objects_folder(folder), expected)
+
+
+def _archived(folder: Path) -> int:
+    return sum(body.count(b"\n") for body in archive_objects_folder(folder).values())
+
+
+def archive_line(folder: Path, execution_id: str) -> bytes:
+    for body in archive_objects_folder(folder).values():
+        for line in body.split(b"\n"):
+            if line and orjson.loads(line)["executionId"] == execution_id:
+                return line
+    raise AssertionError(f"{execution_id} not archived")
