@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from bench.workload import PROJECTOR_GROUP, STREAM
 from sidecar.connections import connect
 from sidecar.consumer import BatchHandler, ConsumerGroupRunner, RunnerOptions
-from sidecar.events import ValidEvent
+from sidecar.events import InvalidEntry, ValidEvent
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
 
@@ -39,6 +39,9 @@ class CountingHandler:
 
     def seconds_until_due(self) -> float | None:
         return self.handler.seconds_until_due()
+
+    def take_rejected(self) -> list[InvalidEntry]:
+        return self.handler.take_rejected()
 
     async def flush(self, *, force: bool) -> list[str]:
         ids = await self.handler.flush(force=force)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sidecar.consumer import WorkerError
-from sidecar.events import ValidEvent
+from sidecar.events import InvalidEntry, ValidEvent
 from sidecar.metrics import Metrics
 from sidecar.sinks import ArchiveSink, SinkError
 
@@ -109,6 +109,9 @@ class S3TaskHistoryArchiver:
         self._buffered_ids: set[str] = set()
         self._buffered_bytes = 0
         self._done: list[str] = []  # written, not yet handed back for acknowledgement
+
+    def take_rejected(self) -> list[InvalidEntry]:
+        return []  # the archiver acknowledges what it cannot use; it rejects nothing
 
     async def prepare(self) -> None:
         try:

@@ -85,6 +85,9 @@ class BatchHandler(Protocol):
     def seconds_until_due(self) -> float | None:
         """When the next time-based flush is due, or None if nothing is buffered."""
 
+    def take_rejected(self) -> list[InvalidEntry]:
+        """Events the last flushes gave up on (to be dead-lettered), emptying the list."""
+
 
 @dataclass(frozen=True)
 class RunnerOptions:
@@ -153,7 +156,8 @@ class ConsumerGroupRunner:
                     await self._claim_from_dead_consumers()
                     entries = await self._read_new()
                     await self._process(entries, force=False)
-                    await self._ack(await self.handler.flush(force=False))
+                    await self._ack(await self._flush(force=False))
+                    await self._dispose_invalid()
                 await self._settle(force=True)
                 return
             except asyncio.CancelledError:
@@ -289,11 +293,17 @@ class ConsumerGroupRunner:
 
         Safe to call again after it raised; a forced flush stays owed until it succeeds.
         """
-        await self._dispose_invalid()
         if force or self._force_flush:
-            self._to_ack.extend(await self.handler.flush(force=True))
+            self._to_ack.extend(await self._flush(force=True))
             self._force_flush = False
+        await self._dispose_invalid()
         await self._ack([])
+
+    async def _flush(self, *, force: bool) -> list[str]:
+        """The handler's flush; what it gave up on joins the invalid entries."""
+        done = await self.handler.flush(force=force)
+        self._invalid.extend(self.handler.take_rejected())
+        return done
 
     async def _ack(self, ids: list[str]) -> None:
         self._to_ack.extend(ids)
@@ -372,7 +382,7 @@ class ConsumerGroupRunner:
                 )
                 continue
             ids = await self._pending_ids(name, int(info["pending"]))
-            self._to_ack.extend(await self.handler.flush(force=True))
+            self._to_ack.extend(await self._flush(force=True))
             await self._ack([])
             claimed: Any = await self.redis.xclaim(
                 self.stream, self.group, self.consumer, idle_ms, list[Any](ids)

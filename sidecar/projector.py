@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-from sidecar.events import STATUS_RANK, ValidEvent
+from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent
 from sidecar.keys import execution_key, project_index_key
 from sidecar.metrics import Metrics
 
@@ -63,7 +63,10 @@ for i, event in ipairs(cjson.decode(ARGV[2])) do
   end
   if newer then
     redis.call('DEL', key)
-    redis.call('HSET', key, unpack(event, 4))
+    -- in slices: unpack() of thousands of fields would overflow Lua's stack
+    for first = 4, #event, 200 do
+      redis.call('HSET', key, unpack(event, first, math.min(first + 199, #event)))
+    end
     if ttl > 0 and new_rank == 1 then redis.call('EXPIRE', key, ttl) end
     applied = applied + 1
   end
@@ -110,6 +113,7 @@ class RedisTaskStatusProjector:
         self.finished_ttl_seconds = finished_ttl_seconds
         self._sha = hashlib.sha1(COMPARE_AND_SET.encode()).hexdigest()
         self._buffer: list[ValidEvent] = []
+        self._rejected: list[InvalidEntry] = []
 
     async def prepare(self) -> None:
         pass
@@ -120,11 +124,21 @@ class RedisTaskStatusProjector:
     def seconds_until_due(self) -> float | None:
         return 0.0 if self._buffer else None
 
+    def take_rejected(self) -> list[InvalidEntry]:
+        rejected, self._rejected = self._rejected, []
+        return rejected
+
     async def flush(self, *, force: bool) -> list[str]:
         if not self._buffer:
             return []
         events = self._buffer
-        applied = await self.apply(events)
+        try:
+            applied = await self.apply(events)
+        except ResponseError as exc:
+            # Redis refused the batch (a key of another type, say): apply one event at a
+            # time and hand back those Redis refuses, so one event cannot block the group.
+            log.warning("batch refused by Redis (%s); applying its events one by one", exc)
+            applied, events = await self._apply_one_by_one(events)
         self._buffer = []
         now = time.time()
         latency = self.metrics.end_to_end_latency.labels(self.group)
@@ -135,6 +149,18 @@ class RedisTaskStatusProjector:
         self.metrics.applied.labels(self.group).inc(applied)
         self.metrics.stale.labels(self.group).inc(len(events) - applied)
         return [event.entry_id for event in events]
+
+    async def _apply_one_by_one(self, events: list[ValidEvent]) -> tuple[int, list[ValidEvent]]:
+        applied, accepted = 0, []
+        for event in events:
+            try:
+                applied += await self.apply([event])
+            except ResponseError as exc:
+                reason = f"Redis refused the projection: {exc}"
+                self._rejected.append(InvalidEntry(event.entry_id, event.raw, reason))
+            else:
+                accepted.append(event)
+        return applied, accepted
 
     async def apply(self, events: Sequence[ValidEvent]) -> int:
         """Apply events in one round trip; returns how many changed the projection."""

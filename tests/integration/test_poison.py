@@ -1,0 +1,28 @@
+"""Events Redis refuses to project never block the projector's group."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from tests.helpers import event, group_done, projection, publish, running_sidecar, wait_for
+
+STREAM = "task-events:v1"
+PROJECTOR = "task-status-projector"
+
+
+async def test_an_event_redis_refuses_is_dead_lettered_and_the_rest_projected(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # another application wrote a string where the execution hash would go
+    await redis_client.set("task-tracking:execution:clash", "not a hash")
+    wide = event("wide", "success", **{f"field{n}": n for n in range(5000)})
+    events = [event("a", "success"), event("clash", "success"), wide, event("b", "error")]
+    ids = await publish(redis_client, STREAM, events)
+    async with running_sidecar(redis_url):
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+    state = await projection(redis_client, ["a", "b", "wide"])
+    assert state["a"]["status"] == "success" and state["b"]["status"] == "error"
+    assert state["wide"]["field4999"] == "4999"  # thousands of fields: applied in slices
+    dead = await redis_client.xrange(f"{STREAM}:dead-letter")
+    assert [fields[b"sourceId"].decode() for _, fields in dead] == [ids[1]]
+    assert b"WRONGTYPE" in dead[0][1][b"error"]
