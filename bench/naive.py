@@ -55,7 +55,7 @@ async def consume(
     *,
     on_applied: Any = None,
     stop: asyncio.Event | None = None,
-    block_ms: int = 5000,
+    block_ms: int = 1000,  # below redis-py's default 5 s socket timeout
 ) -> float:
     """Consume `expected` entries (or until `stop`), one at a time; returns the seconds."""
     client = aioredis.Redis.from_url(url)
