@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -67,9 +68,11 @@ async def produce(client: aioredis.Redis, rate: int, seconds: float, sent: list[
         await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
 
 
-async def report(client: aioredis.Redis, pid: int, started: float) -> None:
-    while True:
-        await asyncio.sleep(30)
+async def report(client: aioredis.Redis, pid: int, started: float, done: asyncio.Event) -> None:
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 30)
+            return
         groups = {g["name"].decode(): g for g in await client.xinfo_groups(STREAM)}
         lag = {name: (g["lag"], g["pending"]) for name, g in groups.items()}
         print(
@@ -92,12 +95,14 @@ async def soak(minutes: float, rate: int) -> None:
             client = aioredis.Redis.from_url(server.url)
             sent: list[dict] = []
             started = time.monotonic()
-            reporter = asyncio.create_task(report(client, sidecar.process.pid, started))
+            done = asyncio.Event()
+            reporter = asyncio.create_task(report(client, sidecar.process.pid, started, done))
             await produce(client, rate, minutes * 60, sent)
             print(f"published {len(sent)} events in {time.monotonic() - started:.0f}s; draining")
             for group in ("task-status-projector", "task-history-archiver"):
                 await wait_for(lambda g=group: group_done(client, STREAM, g), 600, f"{group} done")
-            reporter.cancel()
+            done.set()  # a flag, not cancel(): a cancelled redis-py call can be swallowed
+            await reporter
             expected = expected_projection(sent)
             state = await projection(client, expected)
             wrong = sum(state[k].get("eventId") != v["eventId"] for k, v in expected.items())

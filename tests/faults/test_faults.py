@@ -58,6 +58,7 @@ class Producer:
         self.invalid_ids: list[str] = []
         self.paused = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._n = 0
 
     def _next(self) -> bytes | dict[str, Any]:
@@ -76,7 +77,7 @@ class Producer:
 
     async def run(self) -> None:
         batch = max(1, self.rate // 20)
-        while True:
+        while not self._stopping.is_set():
             if self.paused.is_set():
                 await asyncio.sleep(0.05)
                 continue
@@ -102,9 +103,11 @@ class Producer:
         self._task = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
+        # A flag, not cancel(): redis-py can turn a cancellation into a TimeoutError,
+        # which the retry above would swallow, and the producer would go on forever.
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._stopping.set()
+        await self._task
         await self.client.aclose()
 
 

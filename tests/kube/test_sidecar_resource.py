@@ -77,10 +77,11 @@ class Producer:
         self.client = client
         self.published: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def _run(self) -> None:
         n = 0
-        while True:
+        while not self._stopping.is_set():
             batch = [event(f"k{n + i}", "success", 1_773_568_800_000 + n + i) for i in range(20)]
             await publish(self.client, STREAM, batch)
             self.published += [orjson.dumps(e) for e in batch]
@@ -92,8 +93,8 @@ class Producer:
 
     async def stop(self) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._stopping.set()  # not cancel(): a cancelled redis-py call can hang or be swallowed
+        await self._task
 
 
 def own_entry(api: Any, pod: str) -> dict[str, Any]:
