@@ -2,7 +2,7 @@
 
 Events are buffered per project and UTC day and written as one object when a
 buffer reaches a count, a byte size or an age. Exactly once rests on three
-rules (README, "Exactly once"):
+rules (README, "Guarantees"):
 
 1. An object's key is derived from the stream ID of its first entry, so the
    same first entry always names the same object.
@@ -11,8 +11,8 @@ rules (README, "Exactly once"):
    entry, and those entries are acknowledged instead of being written again.
 3. The entries of one (project, day) in a consumer's pending list are always
    a sequence of such runs: buffers are flushed in stream order, and pending
-   lists (own on start, a dead consumer's on claim) are settled whole, apart
-   from the consumer's own buffer.
+   lists (own on start and after any failure, a dead consumer's on claim) are
+   settled whole, apart from the consumer's own buffer.
 """
 
 from __future__ import annotations
