@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from sidecar.consumer import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent
@@ -32,8 +33,9 @@ from sidecar.sinks import ArchiveSink, SinkError
 log = logging.getLogger(__name__)
 
 BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-# Everything buffered is flushed when the buffers together reach this many bytes.
-MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+# Everything buffered is flushed when the buffers together hold this many event bytes
+# (about twice that in memory).
+MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,15 @@ class ArchiveIntegrityError(WorkerError):
     """An existing object does not hold the entries its key says it starts with."""
 
 
+class ArchiveEntry(NamedTuple):
+    """What the archiver keeps of a buffered event: not the decoded fields, which would
+    multiply the memory a buffer takes."""
+
+    entry_id: str
+    raw: bytes
+    occurred_at_ms: int
+
+
 @dataclass
 class ArchiveBatch:
     """Events of one project and UTC day waiting to be written."""
@@ -56,10 +67,10 @@ class ArchiveBatch:
     project: str
     day: str
     started: float = field(default_factory=time.monotonic)
-    events: list[ValidEvent] = field(default_factory=list)
+    events: list[ArchiveEntry] = field(default_factory=list)
     size: int = 0
 
-    def add(self, event: ValidEvent) -> None:
+    def add(self, event: ArchiveEntry) -> None:
         self.events.append(event)
         self.size += len(event.raw) + 1
 
@@ -128,7 +139,7 @@ class S3TaskHistoryArchiver:
             batch = self._batches.get((event.project, day))
             if batch is None:
                 batch = self._batches[event.project, day] = ArchiveBatch(event.project, day)
-            batch.add(event)
+            batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms))
             self._buffered_ids.add(event.entry_id)
             self._buffered_bytes += len(event.raw) + 1
 
@@ -193,7 +204,7 @@ class S3TaskHistoryArchiver:
             del batch.events[: len(run)]
             batch.size -= sum(len(event.raw) + 1 for event in run)
 
-    def _next_run(self, events: list[ValidEvent]) -> list[ValidEvent]:
+    def _next_run(self, events: list[ArchiveEntry]) -> list[ArchiveEntry]:
         size = 0
         for count, event in enumerate(events):
             size += len(event.raw) + 1
@@ -201,7 +212,7 @@ class S3TaskHistoryArchiver:
                 return events[:count]
         return events
 
-    async def _already_written(self, key: str, events: list[ValidEvent]) -> list[ValidEvent]:
+    async def _already_written(self, key: str, events: list[ArchiveEntry]) -> list[ArchiveEntry]:
         """The leading events that the existing object at `key` already holds."""
         lines = (await self.sink.read(key)).split(b"\n")
         if lines and lines[-1] == b"":
@@ -214,7 +225,7 @@ class S3TaskHistoryArchiver:
             )
         return events[:count]
 
-    def _record_done(self, run: list[ValidEvent]) -> None:
+    def _record_done(self, run: list[ArchiveEntry]) -> None:
         now = time.time()
         latency = self.metrics.end_to_end_latency.labels(self.group)
         age = self.metrics.event_age.labels(self.group)
