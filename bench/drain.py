@@ -21,6 +21,7 @@ class CountingHandler:
 
     def __init__(self, handler: BatchHandler, expected: int) -> None:
         self.handler = handler
+        self.read_ahead = getattr(handler, "read_ahead", False)
         self.expected = expected
         self.done = 0
         self.finished = asyncio.Event()

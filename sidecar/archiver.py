@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from sidecar.consumer import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError
 
 log = logging.getLogger(__name__)
@@ -227,12 +227,16 @@ class S3TaskHistoryArchiver:
 
     def _record_done(self, run: list[ArchiveEntry]) -> None:
         now = time.time()
-        latency = self.metrics.end_to_end_latency.labels(self.group)
-        age = self.metrics.event_age.labels(self.group)
         for event in run:
             self._buffered_ids.discard(event.entry_id)
             self._buffered_bytes -= len(event.raw) + 1
             self._done.append(event.entry_id)
-            latency.observe(max(0.0, now - stream_order(event.entry_id)[0] / 1000))
-            age.observe(max(0.0, now - event.occurred_at_ms / 1000))
+        observe_many(
+            self.metrics.end_to_end_latency.labels(self.group),
+            [max(0.0, now - stream_order(event.entry_id)[0] / 1000) for event in run],
+        )
+        observe_many(
+            self.metrics.event_age.labels(self.group),
+            [max(0.0, now - event.occurred_at_ms / 1000) for event in run],
+        )
         self.metrics.applied.labels(self.group).inc(len(run))

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -89,6 +89,18 @@ class BatchHandler(Protocol):
         """Events the last flushes gave up on (to be dead-lettered), emptying the list."""
 
 
+@dataclass
+class Batch:
+    """Entries read in one call, decoded."""
+
+    valid: list[ValidEvent] = field(default_factory=list)
+    invalid: list[InvalidEntry] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.valid) + len(self.invalid)
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     batch_size: int = 500
@@ -152,12 +164,7 @@ class ConsumerGroupRunner:
                 await self._settle()  # invalid entries and acknowledgements still owed
                 self._mark_ready()
                 backoff = self.options.backoff_initial
-                while not self._stopping.is_set():
-                    await self._claim_from_dead_consumers()
-                    entries = await self._read_new()
-                    await self._process(entries, force=False)
-                    await self._ack(await self._flush(force=False))
-                    await self._dispose_invalid()
+                await self._consume()
                 await self._settle(force=True)
                 return
             except asyncio.CancelledError:
@@ -179,6 +186,36 @@ class ConsumerGroupRunner:
                             len(self._to_ack) + len(self._invalid),
                         )
                     return
+
+    async def _consume(self) -> None:
+        """Read, hand over, flush, acknowledge, until stopped.
+
+        A handler with `read_ahead` gets the next batch read and decoded while its
+        flush of the current one waits on Redis (the projector: decoding overlaps the
+        server's script). Not the archiver: its pending list must not hold entries
+        its buffer has not seen when a dead consumer's entries are claimed.
+        """
+        ahead: asyncio.Future[Batch] | None = None
+        try:
+            while not self._stopping.is_set():
+                await self._claim_from_dead_consumers()
+                batch = await ahead if ahead is not None else await self._read_batch()
+                ahead = None
+                await self._accept(batch, force=False)
+                if batch.size and getattr(self.handler, "read_ahead", False):
+                    ahead = asyncio.ensure_future(self._read_batch())
+                    await asyncio.sleep(0)  # let its read go out before the flush's commands
+                await self._ack(await self._flush(force=False))
+                await self._dispose_invalid()
+            if ahead is not None:  # the batch in hand is finished, not dropped
+                batch, ahead = await ahead, None
+                await self._accept(batch, force=False)
+        finally:
+            if ahead is not None:  # failing: its entries stay pending and are re-read
+                await asyncio.gather(ahead, return_exceptions=True)
+
+    async def _read_batch(self) -> Batch:
+        return self._decode(await self._read_new())
 
     async def stop(self) -> None:
         """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""
@@ -269,22 +306,30 @@ class ConsumerGroupRunner:
     async def _process(
         self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]], *, force: bool
     ) -> None:
-        if not entries:
-            return
-        valid: list[ValidEvent] = []
+        await self._accept(self._decode(entries), force=force)
+
+    def _decode(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> Batch:
+        batch = Batch()
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             if not fields:  # a pending entry deleted from the stream meanwhile (XADD needs a field)
-                self._invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
+                batch.invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
                 continue
             decoded = decode_entry(entry_id, fields)
             if isinstance(decoded, InvalidEntry):
-                self._invalid.append(decoded)
+                batch.invalid.append(decoded)
             else:
-                valid.append(decoded)
-        self.metrics.read.labels(self.group).inc(len(entries))
-        self.metrics.batch_size.labels(self.group).observe(len(entries))
-        self.handler.add(valid)
+                batch.valid.append(decoded)
+        return batch
+
+    async def _accept(self, batch: Batch, *, force: bool) -> None:
+        """Hand a decoded batch to the handler and settle what is in hand."""
+        if not batch.size:
+            return
+        self.metrics.read.labels(self.group).inc(batch.size)
+        self.metrics.batch_size.labels(self.group).observe(batch.size)
+        self.handler.add(batch.valid)
+        self._invalid.extend(batch.invalid)
         self._force_flush = self._force_flush or force
         await self._settle()
 

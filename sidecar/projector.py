@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent
 from sidecar.keys import execution_key, project_index_key
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, observe_many
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ def _script_item(event: ValidEvent) -> list[str | int]:
 class RedisTaskStatusProjector:
     """Applies batches of events to the projection; a `BatchHandler` for the runner."""
 
+    # The runner may read and decode the next batch while a flush waits on Redis.
+    read_ahead = True
+
     def __init__(
         self,
         redis: Redis | RedisCluster,
@@ -141,11 +144,14 @@ class RedisTaskStatusProjector:
             applied, events = await self._apply_one_by_one(events)
         self._buffer = []
         now = time.time()
-        latency = self.metrics.end_to_end_latency.labels(self.group)
-        age = self.metrics.event_age.labels(self.group)
-        for event in events:
-            latency.observe(max(0.0, now - int(event.entry_id.split("-", 1)[0]) / 1000))
-            age.observe(max(0.0, now - event.occurred_at_ms / 1000))
+        observe_many(
+            self.metrics.end_to_end_latency.labels(self.group),
+            [max(0.0, now - int(event.entry_id.split("-", 1)[0]) / 1000) for event in events],
+        )
+        observe_many(
+            self.metrics.event_age.labels(self.group),
+            [max(0.0, now - event.occurred_at_ms / 1000) for event in events],
+        )
         self.metrics.applied.labels(self.group).inc(applied)
         self.metrics.stale.labels(self.group).inc(len(events) - applied)
         return [event.entry_id for event in events]
