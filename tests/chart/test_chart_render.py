@@ -451,6 +451,7 @@ def test_chart_metadata_pins_app_version_and_minimum_kubernetes() -> None:
 def test_rendered_environment_is_accepted_by_the_sidecar_settings(render: Any, toggle: str) -> None:
     # Contract with sidecar/config.py: the chart never renders an env the sidecar refuses.
     from sidecar import config
+
     rendered = render(TOGGLES[toggle][0])
     if not rendered.of_kind("Deployment"):
         return
