@@ -1,20 +1,31 @@
 """`RedisTaskStatusProjector`: the latest-status projection, kept by the ordering rule.
 
-A batch is one round trip: one EVALSHA of a compare-and-set script that
-declares the batch's execution hashes as its keys and touches only them, and
-one `ZADD ... GT` per project index. On Redis Cluster the batch is split by
-hash slot, one EVALSHA per slot, so every command stays on a single slot.
+A batch is one round trip: one EVALSHA of a script that declares every key the
+batch touches (the execution hashes and the project indexes), applies the
+compare-and-set to each execution hash and `ZADD ... GT` to each index. On
+Redis Cluster the batch is split by hash slot, one EVALSHA per slot, so every
+script stays on a single slot.
 
-The batch travels as one JSON argument (decoded by the server's cjson): packing
+Before it goes to Redis a batch is coalesced: of the events of one execution,
+only those that beat every earlier one in the batch could change the
+projection when applied in order, and the last of them is where the execution
+ends up. The script writes that one and counts the others against the stored
+event, so the projection and the applied/stale counts are those of applying
+every event in turn, for a fraction of the work.
+
+The batch travels as JSON arguments (decoded by the server's cjson): packing
 thousands of separate arguments in Python cost more than the whole apply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -27,73 +38,172 @@ from sidecar.metrics import Metrics, observe_many
 
 log = logging.getLogger(__name__)
 
-# KEYS[i]  execution hash of the i-th event (a key repeats when its execution has several)
-# ARGV[1]  seconds to keep a finished execution (0: forever)
-# ARGV[2]  JSON array, item i for KEYS[i]: [occurredAtMs, statusRank, eventId, field, value, …]
-#          (field/value pairs: the whole new hash, every value a string)
-# Events apply in order, each by the ordering rule. Returns how many were applied.
+# Executions per script call on a standalone server: a batch goes out in several calls,
+# each sent as soon as it is built, so Redis runs one while Python builds the next.
+CALL_SIZE = 64
+
+# KEYS[1..n]  execution hashes, one per item of ARGV[2]
+# KEYS[n+1..] project indexes, one per item of ARGV[3]
+# ARGV[1]     seconds to keep a finished execution (0: forever)
+# ARGV[2]     JSON array of n items, one per execution:
+#             [occurredAtMs, statusRank, eventId, earlier, field, value, …]
+#             the event to store (field/value pairs: the whole new hash, every value a
+#             string); earlier: [occurredAtMs, statusRank, eventId, …], the ordering keys of
+#             the batch's events of that execution that it superseded, ascending
+# ARGV[3]     JSON array, one item per index: [score, member, score, member, …]
+# Returns how many events took effect: an earlier event counts if it beats the stored one.
 COMPARE_AND_SET = """
+-- is the ordering key (ms, rank, id) greater than (ms2, rank2, id2)?
+local function greater(ms, rank, id, ms2, rank2, id2)
+  if ms ~= ms2 then return ms > ms2 end
+  if rank ~= rank2 then return rank > rank2 end
+  -- byte-wise, like Python's str order; Lua's own < follows the server's locale
+  for j = 1, math.min(#id, #id2) do
+    local x, y = string.byte(id, j), string.byte(id2, j)
+    if x ~= y then return x > y end
+  end
+  return #id > #id2
+end
+
 local ttl = tonumber(ARGV[1])
+local items = cjson.decode(ARGV[2])
 local applied = 0
-for i, event in ipairs(cjson.decode(ARGV[2])) do
+for i, item in ipairs(items) do
   local key = KEYS[i]
-  local new_ms, new_rank = tonumber(event[1]), tonumber(event[2])
-  local newer = true
+  local ms, rank, id, earlier = tonumber(item[1]), tonumber(item[2]), item[3], item[4]
+  local wins = 1 + #earlier / 3
   local current = redis.call('HMGET', key, 'occurredAtMs', 'status', 'eventId')
   if current[1] then
-    local ms = tonumber(current[1])
-    if new_ms < ms then
-      newer = false
-    elseif new_ms == ms then
-      local rank = (current[2] == 'in_progress') and 0 or 1
-      if new_rank < rank then
-        newer = false
-      elseif new_rank == rank then
-        -- byte-wise, like Python's str order; Lua's own < follows the server's locale
-        local a, b = event[3], current[3] or ''
-        local n = math.min(#a, #b)
-        local greater = #a > #b
-        for j = 1, n do
-          local x, y = string.byte(a, j), string.byte(b, j)
-          if x ~= y then greater = x > y; break end
-        end
-        newer = greater
+    local ms2, id2 = tonumber(current[1]), current[3] or ''
+    local rank2 = (current[2] == 'in_progress') and 0 or 1
+    if not greater(ms, rank, id, ms2, rank2, id2) then
+      wins = 0
+    else
+      for j = 1, #earlier, 3 do
+        if greater(earlier[j], earlier[j + 1], earlier[j + 2], ms2, rank2, id2) then break end
+        wins = wins - 1
       end
     end
   end
-  if newer then
-    redis.call('DEL', key)
+  if wins > 0 then
+    -- the whole hash is replaced; a new execution (the common case) has nothing to delete
+    if current[1] or current[2] or current[3] then redis.call('DEL', key) end
     -- in slices: unpack() of thousands of fields would overflow Lua's stack
-    for first = 4, #event, 200 do
-      redis.call('HSET', key, unpack(event, first, math.min(first + 199, #event)))
+    for first = 5, #item, 200 do
+      redis.call('HSET', key, unpack(item, first, math.min(first + 199, #item)))
     end
-    if ttl > 0 and new_rank == 1 then redis.call('EXPIRE', key, ttl) end
-    applied = applied + 1
+    if ttl > 0 and rank == 1 then redis.call('EXPIRE', key, ttl) end
+    applied = applied + wins
+  end
+end
+for i, members in ipairs(cjson.decode(ARGV[3])) do
+  local key = KEYS[#items + i]
+  for first = 1, #members, 200 do
+    redis.call('ZADD', key, 'GT', unpack(members, first, math.min(first + 199, #members)))
   end
 end
 return applied
 """
 
 
-def projection_fields(event: ValidEvent) -> list[bytes | str | int]:
-    """The execution hash of an event: top-level fields (strings as they are, anything
-    else JSON), plus `occurredAtMs` and `streamId`."""
-    flat: list[bytes | str | int] = []
-    for name, value in event.fields.items():
-        flat.append(name)
-        flat.append(value if isinstance(value, str) else orjson.dumps(value))
-    flat += ["occurredAtMs", event.occurred_at_ms, "streamId", event.entry_id]
-    return flat
+def coalesce(events: Sequence[ValidEvent]) -> dict[str, list[ValidEvent]]:
+    """Per execution, in batch order, the events that beat every earlier event of their
+    execution in the batch: applied in turn, no other event could take effect."""
+    runs: dict[str, list[ValidEvent]] = {}
+    for event in events:
+        run = runs.get(event.execution_id)
+        if run is None:
+            runs[event.execution_id] = [event]
+        elif event.ordering_key > run[-1].ordering_key:
+            run.append(event)
+    return runs
 
 
-def _script_item(event: ValidEvent) -> list[str | int]:
-    """`projection_fields` as the script's JSON wants it: every value a string."""
-    item: list[str | int] = [event.occurred_at_ms, STATUS_RANK[event.status], event.event_id]
+def _script_item(run: list[ValidEvent]) -> list[object]:
+    """An execution's item for the script: its last event, with every value a string,
+    after the ordering keys of the events it superseded."""
+    event = run[-1]
+    earlier: list[object] = []
+    for superseded in run[:-1]:
+        earlier += superseded.ordering_key
+    item: list[object] = [event.occurred_at_ms, STATUS_RANK[event.status], event.event_id, earlier]
     for name, value in event.fields.items():
         item.append(name)
         item.append(value if isinstance(value, str) else orjson.dumps(value).decode())
     item += ["occurredAtMs", str(event.occurred_at_ms), "streamId", event.entry_id]
     return item
+
+
+@dataclass
+class _ScriptCall:
+    """The keys and arguments of one EVALSHA."""
+
+    keys: list[str] = field(default_factory=list)
+    items: list[list[object]] = field(default_factory=list)
+    index_keys: list[str] = field(default_factory=list)
+    index_members: list[list[object]] = field(default_factory=list)
+
+    def add_execution(self, key: str, run: list[ValidEvent]) -> None:
+        self.keys.append(key)
+        self.items.append(_script_item(run))
+
+    def add_index(self, key: str, members: list[object]) -> None:
+        self.index_keys.append(key)
+        self.index_members.append(members)
+
+    def args(self, sha: str, ttl: int) -> list[str | int | bytes]:
+        keys = self.keys + self.index_keys
+        items, members = orjson.dumps(self.items), orjson.dumps(self.index_members)
+        return ["EVALSHA", sha, len(keys), *keys, ttl, items, members]
+
+
+def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
+    """Per project index, `[score, member, …]`: each execution once, at its greatest
+    occurredAtMs of the batch (ZADD GT keeps the greatest score, so this leaves each
+    index as per-event ZADDs would)."""
+    indexes: dict[str, dict[str, int]] = {}
+    for event in events:
+        index = indexes.get(event.project)
+        if index is None:
+            index = indexes[event.project] = {}
+        if index.get(event.execution_id, -1) < event.occurred_at_ms:
+            index[event.execution_id] = event.occurred_at_ms
+    members: dict[str, list[object]] = {}
+    for project, scores in indexes.items():
+        flat = members[project] = []
+        for execution_id, score in scores.items():
+            flat += (score, execution_id)
+    return members
+
+
+def calls_in_chunks(
+    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
+) -> Iterator[_ScriptCall]:
+    """A batch's calls on a standalone server, `CALL_SIZE` executions each, built lazily
+    (the indexes go with the last call)."""
+    call = _ScriptCall()
+    for execution_id, run in runs.items():
+        call.add_execution(execution_key(execution_id), run)
+        if len(call.keys) == CALL_SIZE:
+            yield call
+            call = _ScriptCall()
+    for project, members in index_members(events).items():
+        call.add_index(project_index_key(project), members)
+    yield call
+
+
+def calls_by_slot(
+    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
+) -> list[_ScriptCall]:
+    """A batch's calls on a cluster: one per hash slot, so each script stays on its slot."""
+    calls: defaultdict[int, _ScriptCall] = defaultdict(_ScriptCall)
+    for execution_id, run in runs.items():
+        key = execution_key(execution_id)
+        calls[key_slot(key.encode())].add_execution(key, run)
+    for project, members in index_members(events).items():
+        key = project_index_key(project)
+        calls[key_slot(key.encode())].add_index(key, members)
+    return list(calls.values())
 
 
 class RedisTaskStatusProjector:
@@ -146,11 +256,11 @@ class RedisTaskStatusProjector:
         now = time.time()
         observe_many(
             self.metrics.end_to_end_latency.labels(self.group),
-            [max(0.0, now - int(event.entry_id.split("-", 1)[0]) / 1000) for event in events],
+            [now - int(event.entry_id.partition("-")[0]) / 1000 for event in events],
         )
         observe_many(
             self.metrics.event_age.labels(self.group),
-            [max(0.0, now - event.occurred_at_ms / 1000) for event in events],
+            [now - event.occurred_at_ms / 1000 for event in events],
         )
         self.metrics.applied.labels(self.group).inc(applied)
         self.metrics.stale.labels(self.group).inc(len(events) - applied)
@@ -169,58 +279,42 @@ class RedisTaskStatusProjector:
         return applied, accepted
 
     async def apply(self, events: Sequence[ValidEvent]) -> int:
-        """Apply events in one round trip; returns how many changed the projection."""
+        """Apply events; returns how many took effect (as many as applying them in turn)."""
+        runs = coalesce(events)
+        if isinstance(self.redis, RedisCluster):
+            return await self._apply_pipelined(calls_by_slot(runs, events))
+        sent = []
+        for call in calls_in_chunks(runs, events):
+            sent.append(asyncio.ensure_future(self._run(call)))
+            await asyncio.sleep(0)  # let it go out: Redis runs it while the next is built
+        applied = 0
+        for result in await asyncio.gather(*sent, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+            applied += result
+        return applied
+
+    async def _run(self, call: _ScriptCall) -> int:
+        args = call.args(self._sha, self.finished_ttl_seconds)
         try:
-            results = await self._pipeline(events)
+            return int(await self.redis.execute_command(*args))
         except NoScriptError:
             # A restarted or failed-over server lost its script cache.
             await self.redis.script_load(COMPARE_AND_SET)
-            results = await self._pipeline(events)
-        return sum(results)
+            return int(await self.redis.execute_command(*args))
 
-    async def _pipeline(self, events: Sequence[ValidEvent]) -> list[int]:
-        groups = self._slot_groups(events)
-        # The index score only grows (GT), so one member per execution, at the
-        # greatest occurredAtMs of the batch, leaves the index as per-event ZADDs would.
-        indexes: dict[str, dict[str, int]] = {}
-        for event in events:
-            index = indexes.get(event.project)
-            if index is None:
-                index = indexes[event.project] = {}
-            if index.get(event.execution_id, -1) < event.occurred_at_ms:
-                index[event.execution_id] = event.occurred_at_ms
+    async def _apply_pipelined(self, calls: list[_ScriptCall]) -> int:
+        try:
+            return await self._pipeline(calls)
+        except NoScriptError:
+            await self.redis.script_load(COMPARE_AND_SET)
+            return await self._pipeline(calls)
+
+    async def _pipeline(self, calls: list[_ScriptCall]) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, items in groups:
+            for call in calls:
                 # execute_command: redis-py's cluster pipeline refuses `pipe.evalsha`
                 # (it routes EVALSHA by its keys all the same)
-                pipe.execute_command(
-                    "EVALSHA",
-                    self._sha,
-                    len(keys),
-                    *keys,
-                    self.finished_ttl_seconds,
-                    orjson.dumps(items),
-                )
-            for project, members in indexes.items():
-                pipe.zadd(project_index_key(project), members, gt=True)
+                pipe.execute_command(*call.args(self._sha, self.finished_ttl_seconds))
             results: list[int] = await pipe.execute()
-        return results[: len(groups)]
-
-    def _slot_groups(
-        self, events: Sequence[ValidEvent]
-    ) -> list[tuple[list[str], list[list[str | int]]]]:
-        """The batch's (keys, script items): one group on a standalone server, one group
-        per hash slot on a cluster; events of one execution keep their order."""
-        if not isinstance(self.redis, RedisCluster):
-            keys = [execution_key(event.execution_id) for event in events]
-            return [(keys, [_script_item(event) for event in events])]
-        groups: dict[int, tuple[list[str], list[list[str | int]]]] = {}
-        for event in events:
-            key = execution_key(event.execution_id)
-            slot = key_slot(key.encode())
-            group = groups.get(slot)
-            if group is None:
-                group = groups[slot] = ([], [])
-            group[0].append(key)
-            group[1].append(_script_item(event))
-        return list(groups.values())
+        return sum(results)

@@ -90,7 +90,7 @@ events_sets = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(events=events_sets, data=st.data())
-def test_any_permutation_and_duplication_gives_the_same_projection(
+def test_any_permutation_duplication_and_batching_gives_the_same_projection(
     redis_url: str, events: list[dict[str, Any]], data: st.DataObject
 ) -> None:
     deliveries = data.draw(st.permutations(events + data.draw(st.lists(st.sampled_from(events)))))
@@ -108,8 +108,10 @@ async def _check(redis_url: str, deliveries: list[dict[str, Any]], batch: int) -
             event = decode_entry(f"{n + 1}-0", {EVENT_FIELD: orjson.dumps(data)})
             assert isinstance(event, ValidEvent)
             decoded.append(event)
+        applied = 0
         for start in range(0, len(decoded), batch):
-            await projector.apply(decoded[start : start + batch])
+            applied += await projector.apply(decoded[start : start + batch])
+        batched = await _snapshot(client)
         for execution_id, winner in expected_projection(deliveries).items():
             state = await client.hgetall(f"task-tracking:execution:{execution_id}")
             assert state[b"eventId"].decode() == winner["eventId"]
@@ -117,5 +119,23 @@ async def _check(redis_url: str, deliveries: list[dict[str, Any]], batch: int) -
             assert score == max(
                 d["occurredAt"] for d in deliveries if d["executionId"] == execution_id
             )
+        # A coalesced batch leaves what applying its events one at a time leaves, down to
+        # the streamId, and counts the same events as applied.
+        await client.flushall()
+        one_by_one = 0
+        for event in decoded:
+            one_by_one += await projector.apply([event])
+        assert await _snapshot(client) == batched
+        assert applied == one_by_one
     finally:
         await client.aclose()
+
+
+async def _snapshot(client: aioredis.Redis) -> dict[bytes, Any]:
+    state: dict[bytes, Any] = {}
+    async for key in client.scan_iter("task-tracking:*"):
+        if await client.type(key) == b"hash":
+            state[key] = await client.hgetall(key)
+        else:
+            state[key] = await client.zrange(key, 0, -1, withscores=True)
+    return state
