@@ -17,6 +17,7 @@ rules (README, "Guarantees"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -75,8 +76,17 @@ class ArchiveBatch:
         self.size += len(event.raw) + 1
 
 
+MS_PER_DAY = 86_400_000
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_name(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86_400, UTC).strftime("%Y-%m-%d")
+
+
 def utc_day(occurred_at_ms: int) -> str:
-    return datetime.fromtimestamp(occurred_at_ms / 1000, UTC).strftime("%Y-%m-%d")
+    """`YYYY-MM-DD` (UTC) of an epoch-ms timestamp; formatted once per day, not per event."""
+    return _day_name(occurred_at_ms // MS_PER_DAY)
 
 
 def object_key(prefix: str, project: str, day: str, stream: str, first_entry_id: str) -> str:
@@ -233,10 +243,10 @@ class S3TaskHistoryArchiver:
             self._done.append(event.entry_id)
         observe_many(
             self.metrics.end_to_end_latency.labels(self.group),
-            [max(0.0, now - stream_order(event.entry_id)[0] / 1000) for event in run],
+            [now - stream_order(event.entry_id)[0] / 1000 for event in run],
         )
         observe_many(
             self.metrics.event_age.labels(self.group),
-            [max(0.0, now - event.occurred_at_ms / 1000) for event in run],
+            [now - event.occurred_at_ms / 1000 for event in run],
         )
         self.metrics.applied.labels(self.group).inc(len(run))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import platform
-from bisect import bisect_left
-from collections.abc import Iterable
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,26 +15,25 @@ AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
-def observe_many(histogram: Any, values: Iterable[float]) -> None:
-    """`histogram.observe(v)` for every value, with one update per bucket instead of one
-    per value (on the per-event path). Falls back to `observe` if prometheus-client's
-    internals ever change."""
+def observe_many(histogram: Any, values: list[float]) -> None:
+    """`histogram.observe(max(0, v))` for every value, at C speed on the per-event path:
+    the values are sorted, then counted with one bisection per bucket. Sorts `values` in
+    place. Falls back to `observe` if prometheus-client's internals ever change."""
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
     if bounds is None or buckets is None or total is None:
         for value in values:
-            histogram.observe(value)
+            histogram.observe(max(0.0, value))
         return
-    counts = [0] * len(bounds)
-    amount = 0.0
-    for value in values:
-        counts[bisect_left(bounds, value)] += 1
-        amount += value
-    total.inc(amount)
-    for bucket, count in zip(buckets, counts, strict=True):
-        if count:
-            bucket.inc(count)
+    values.sort()
+    total.inc(sum(values[bisect_left(values, 0.0) :]))  # negatives count as 0
+    below = 0
+    for bucket, bound in zip(buckets, bounds, strict=True):
+        upto = bisect_right(values, bound)
+        if upto > below:
+            bucket.inc(upto - below)
+        below = upto
 
 
 class Metrics:
