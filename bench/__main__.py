@@ -17,6 +17,7 @@ import orjson
 
 from bench import cases
 from bench.servers import MotoServer
+from sidecar import eventloop
 from sidecar.devserver import DevServer
 
 RESULTS = Path(__file__).parent / "results"
@@ -27,6 +28,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     args = parser.parse_args()
     small = args.quick
+    # The workers run in this process: set it up as `task-tracking run` sets up its own.
+    eventloop.tune_garbage_collector()
     rows: list[cases.Row] = []
     started = time.monotonic()
     with DevServer("redis") as server:

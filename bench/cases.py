@@ -3,7 +3,6 @@ and Redis's ceiling, measured in the same run on the same servers."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from bench import ceiling, naive, publisher
 from bench.drain import drain, projector, run_worker
 from bench.servers import MotoServer, proc_cpu_seconds, proc_rss_mib
 from bench.workload import ARCHIVER_GROUP, STREAM, encoded, prefill
+from sidecar import eventloop
 from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver, object_key
 from sidecar.devserver import DevServer, free_port
 from sidecar.events import ValidEvent, decode_entry
@@ -59,12 +59,12 @@ def projector_drain(server: DevServer, count: int) -> Row:
     fresh(server)
     raw = encoded(count)
     prefill(server.port, raw)
-    seconds = asyncio.run(drain(server.url, count))
+    seconds = eventloop.run(drain(server.url, count))
     rate = count / seconds
     naive_count = min(count, NAIVE_EVENTS)
     fresh(server)
     prefill(server.port, raw[:naive_count])
-    naive_rate = naive_count / asyncio.run(naive.consume(server.url, naive_count))
+    naive_rate = naive_count / eventloop.run(naive.consume(server.url, naive_count))
     fresh(server)
     ceiling_rate = ceiling.ceiling_rate(server.port, raw[: min(count, 200_000)])
     return Row(
@@ -83,12 +83,12 @@ def projector_live(server: DevServer, count: int) -> Row:
     """Published at full speed by another process while the projector drains."""
     fresh(server)
     process = publisher.start(server.port, count)
-    seconds = asyncio.run(drain(server.url, count))
+    seconds = eventloop.run(drain(server.url, count))
     process.join()
     naive_count = min(count, NAIVE_EVENTS)
     fresh(server)
     process = publisher.start(server.port, naive_count)
-    naive_seconds = asyncio.run(naive.consume(server.url, naive_count))
+    naive_seconds = eventloop.run(naive.consume(server.url, naive_count))
     process.join()
     fresh(server)
     ceiling_rate = ceiling.ceiling_rate(server.port, encoded(min(count, 200_000)))
@@ -117,7 +117,7 @@ def latency(server: DevServer, rate: int, seconds: float) -> list[Row]:
         process.join()
         return handler.latencies
 
-    ours = asyncio.run(sidecar_run())
+    ours = eventloop.run(sidecar_run())
     fresh(server)
     redis.Redis(port=server.port).xgroup_create(STREAM, "task-status-projector", mkstream=True)
     theirs: list[float] = []
@@ -126,7 +126,7 @@ def latency(server: DevServer, rate: int, seconds: float) -> list[Row]:
         theirs.append(time.time() - event.fields["sentAt"])
 
     process = publisher.start(server.port, count, rate=rate)
-    asyncio.run(naive.consume(server.url, count, on_applied=observe))
+    eventloop.run(naive.consume(server.url, count, on_applied=observe))
     process.join()
     fresh(server)
     floor = ceiling.ceiling_latencies(server.port, encoded(min(count, 5000)), rate)
@@ -197,7 +197,7 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             await client_redis.aclose()
             return seconds, raw_seconds, naive_count / naive_seconds, len(keys)
 
-    seconds, raw_seconds, naive_rate, objects = asyncio.run(run())
+    seconds, raw_seconds, naive_rate, objects = eventloop.run(run())
     overhead = (seconds / raw_seconds - 1) * 100
     return [
         Row(

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bench.workload import PROJECTOR_GROUP, STREAM
+from sidecar import eventloop
 from sidecar.events import STATUS_RANK, ValidEvent, decode_entry
 from sidecar.keys import execution_key, project_index_key
 
@@ -87,4 +88,4 @@ async def consume(
 assert STATUS_RANK  # the ordering key above uses the same ranks
 
 if __name__ == "__main__":
-    asyncio.run(consume(sys.argv[1], None))
+    eventloop.run(consume(sys.argv[1], None))

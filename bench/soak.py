@@ -23,6 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.servers import proc_rss_mib
+from sidecar import eventloop
 from sidecar.devserver import DevServer
 from tests.conftest import MotoServer, s3_environment
 from tests.helpers import (
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 10)))
     parser.add_argument("--rate", type=int, default=int(os.environ.get("SOAK_RATE", 2000)))
     args = parser.parse_args()
-    asyncio.run(soak(args.minutes, args.rate))
+    eventloop.run(soak(args.minutes, args.rate))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from sidecar import eventloop
 from sidecar.config import ConfigError, Settings, load_settings, redact
 from sidecar.events import describe_event_error
 from sidecar.logs import configure_logging
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.command
     try:
-        return asyncio.run(command(args))
+        return eventloop.run(command(args))
     except ConfigError as exc:
         print(f"task-tracking: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -124,6 +125,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
 async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> None:
     """Run a sidecar until SIGTERM or SIGINT, then drain and return."""
     from sidecar.runtime import Sidecar, run_until_signalled
+
+    eventloop.tune_garbage_collector()  # after the imports: they live until exit
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
