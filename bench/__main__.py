@@ -37,6 +37,8 @@ def main() -> int:
         try:
             for count in (10_000,) if small else (100_000, 1_000_000):
                 rows.append(_step(cases.projector_drain, server, count))
+            # the worst case for coalescing: no two events of one execution in a batch
+            rows.append(_step(cases.projector_drain, server, 10_000 if small else 100_000, 1))
             rows.append(_step(cases.projector_live, server, 20_000 if small else 200_000))
             for rate in (1000, 5000):
                 rows += _step(cases.latency, server, rate, 2.0 if small else 10.0)

@@ -55,9 +55,11 @@ def fresh(server: DevServer) -> redis.Redis:
 # ---- projector throughput ---------------------------------------------------
 
 
-def projector_drain(server: DevServer, count: int) -> Row:
+def projector_drain(server: DevServer, count: int, per_execution: int = 3) -> Row:
+    """Pre-filled events, 3 per execution by default (in_progress, in_progress, a
+    terminal status); with 1, every event is a new execution and batches coalesce nothing."""
     fresh(server)
-    raw = encoded(count)
+    raw = encoded(count, per_execution=per_execution)
     prefill(server.port, raw)
     seconds = eventloop.run(drain(server.url, count))
     rate = count / seconds
@@ -67,15 +69,16 @@ def projector_drain(server: DevServer, count: int) -> Row:
     naive_rate = naive_count / eventloop.run(naive.consume(server.url, naive_count))
     fresh(server)
     ceiling_rate = ceiling.ceiling_rate(server.port, raw[: min(count, 200_000)])
+    shape = "" if per_execution == 3 else f", {per_execution} event(s) per execution"
     return Row(
-        f"projector drain, {count:,} pre-filled",
+        f"projector drain, {count:,} pre-filled{shape}",
         "events/s",
         rate,
         naive_rate,
         ceiling_rate,
-        target=">= 50,000/s and >= 10x naive",
-        met=rate >= 50_000 and rate >= 10 * naive_rate,
-        notes={"seconds": seconds, "naive_sample": naive_count},
+        target=">= 50,000/s and >= 10x naive" if per_execution == 3 else "",
+        met=rate >= 50_000 and rate >= 10 * naive_rate if per_execution == 3 else None,
+        notes={"seconds": seconds, "naive_sample": naive_count, "per_execution": per_execution},
     )
 
 
@@ -113,7 +116,7 @@ def latency(server: DevServer, rate: int, seconds: float) -> list[Row]:
 
     async def sidecar_run() -> list[float]:
         process = publisher.start(server.port, count, rate=rate)
-        _, handler = await run_worker(server.url, projector, count)
+        _, handler = await run_worker(server.url, projector, count, timed=True)
         process.join()
         return handler.latencies
 
@@ -198,7 +201,9 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             return seconds, raw_seconds, naive_count / naive_seconds, len(keys)
 
     seconds, raw_seconds, naive_rate, objects = eventloop.run(run())
+    read_ack_seconds = ceiling.read_and_ack_seconds(server.port, STREAM, count)
     overhead = (seconds / raw_seconds - 1) * 100
+    floor_overhead = (seconds / (raw_seconds + read_ack_seconds) - 1) * 100
     return [
         Row(
             f"archiver drain, {count:,} events to S3 (moto)",
@@ -206,7 +211,12 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             count / seconds,
             naive_rate,
             count / raw_seconds,
-            notes={"seconds": seconds, "raw_put_seconds": raw_seconds, "objects": objects},
+            notes={
+                "seconds": seconds,
+                "raw_put_seconds": raw_seconds,
+                "raw_read_ack_seconds": read_ack_seconds,
+                "objects": objects,
+            },
         ),
         Row(
             "archiver overhead over raw PUTs of the same objects",
@@ -214,6 +224,14 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             overhead,
             target="<= 20%",
             met=overhead <= 20,
+        ),
+        # Reading and acknowledging the entries (raw socket, no decoding) is a floor under
+        # any archiver; against a local S3 test server it alone can exceed the PUT time.
+        Row("archiver overhead over raw reads+acks plus raw PUTs", "%", floor_overhead),
+        Row(
+            "raw reads+acks of the same entries / raw PUTs",
+            "ratio",
+            read_ack_seconds / raw_seconds,
         ),
     ]
 

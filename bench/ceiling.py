@@ -57,3 +57,35 @@ def ceiling_latencies(port: int, raw_events: list[bytes], rate: float) -> list[f
     finally:
         connection.close()
     return latencies
+
+
+def read_and_ack_seconds(port: int, stream: str, count: int, batch: int = 500) -> float:
+    """Seconds to read `count` entries through a new consumer group and acknowledge them,
+    `batch` at a time, with no decoding: what any archiver pays before writing a byte."""
+    connection = RawConnection(port)
+    try:
+        connection.run([pack("XGROUP", "CREATE", stream, "raw-reader", "0")])
+        started = time.perf_counter()
+        done = 0
+        while done < count:
+            [reply] = connection.run(
+                [
+                    pack(
+                        "XREADGROUP",
+                        "GROUP",
+                        "raw-reader",
+                        "r",
+                        "COUNT",
+                        batch,
+                        "STREAMS",
+                        stream,
+                        ">",
+                    )
+                ]
+            )
+            entries = reply[0][1]  # type: ignore[index]
+            connection.run([pack("XACK", stream, "raw-reader", *(entry[0] for entry in entries))])
+            done += len(entries)
+        return time.perf_counter() - started
+    finally:
+        connection.close()

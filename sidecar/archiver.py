@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import NamedTuple
 
 from sidecar.consumer import WorkerError
@@ -59,6 +60,7 @@ class ArchiveEntry(NamedTuple):
     entry_id: str
     raw: bytes
     occurred_at_ms: int
+    order: tuple[int, int]  # the entry ID as numbers: (milliseconds, sequence)
 
 
 @dataclass
@@ -149,7 +151,8 @@ class S3TaskHistoryArchiver:
             batch = self._batches.get((event.project, day))
             if batch is None:
                 batch = self._batches[event.project, day] = ArchiveBatch(event.project, day)
-            batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms))
+            order = stream_order(event.entry_id)
+            batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms, order))
             self._buffered_ids.add(event.entry_id)
             self._buffered_bytes += len(event.raw) + 1
 
@@ -186,7 +189,7 @@ class S3TaskHistoryArchiver:
         Progress is kept in the batch: after a failure, a retry resumes at the
         first entry not yet written, which is where the next object starts.
         """
-        batch.events.sort(key=lambda event: stream_order(event.entry_id))
+        batch.events.sort(key=attrgetter("order"))
         while batch.events:
             run = self._next_run(batch.events)
             if not complete and len(run) == len(batch.events) and not self._full(batch):
@@ -243,7 +246,7 @@ class S3TaskHistoryArchiver:
             self._done.append(event.entry_id)
         observe_many(
             self.metrics.end_to_end_latency.labels(self.group),
-            [now - stream_order(event.entry_id)[0] / 1000 for event in run],
+            [now - event.order[0] / 1000 for event in run],
         )
         observe_many(
             self.metrics.event_age.labels(self.group),
