@@ -87,7 +87,7 @@ def projector_live(server: DevServer, count: int) -> Row:
     fresh(server)
     process = publisher.start(server.port, count)
     seconds = eventloop.run(drain(server.url, count))
-    process.join()
+    publish_seconds = process.join()
     naive_count = min(count, NAIVE_EVENTS)
     fresh(server)
     process = publisher.start(server.port, naive_count)
@@ -96,12 +96,13 @@ def projector_live(server: DevServer, count: int) -> Row:
     fresh(server)
     ceiling_rate = ceiling.ceiling_rate(server.port, encoded(min(count, 200_000)))
     return Row(
-        f"projector live, {count:,} published at full speed",
+        f"projector live, {count:,} published at {count / publish_seconds:,.0f}/s",
         "events/s",
         count / seconds,
         naive_count / naive_seconds,
         ceiling_rate,
-        notes={"seconds": seconds},
+        # the publisher shares the 2 cores: its own rate bounds this figure
+        notes={"seconds": seconds, "published_per_second": count / publish_seconds},
     )
 
 

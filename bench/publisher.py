@@ -12,15 +12,21 @@ import orjson
 from bench.workload import STREAM, RawConnection, events, pack
 
 
-def _publish(port: int, count: int, rate: float | None, seed: int) -> None:
+def _publish(
+    port: int, count: int, rate: float | None, seed: int, ready: Any, seconds: Any
+) -> None:
     connection = RawConnection(port)
     try:
         if rate is None:
             raw = [orjson.dumps(event) for event in events(count, seed=seed)]
+            ready.set()  # events generated: publishing starts now
+            started = time.perf_counter()
             for start in range(0, count, 200):
                 chunk = raw[start : start + 200]
                 connection.run([pack("XADD", STREAM, "*", "event", item) for item in chunk])
+            seconds.value = time.perf_counter() - started
             return
+        ready.set()
         start = time.perf_counter()
         for index, event in enumerate(events(count, seed=seed)):
             due = start + index / rate
@@ -32,9 +38,27 @@ def _publish(port: int, count: int, rate: float | None, seed: int) -> None:
         connection.close()
 
 
-def start(port: int, count: int, *, rate: float | None = None, seed: int = 11) -> Any:
-    process = multiprocessing.get_context("spawn").Process(
-        target=_publish, args=(port, count, rate, seed), daemon=True
-    )
-    process.start()
-    return process
+class Publisher:
+    """A publishing process, started once it is about to send its first event (generating
+    the events is not part of what is measured)."""
+
+    def __init__(self, port: int, count: int, rate: float | None, seed: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        self._seconds = context.Value("d", 0.0)
+        self.process = context.Process(
+            target=_publish, args=(port, count, rate, seed, ready, self._seconds), daemon=True
+        )
+        self.process.start()
+        while not ready.wait(0.1):
+            if not self.process.is_alive():
+                raise RuntimeError("the publisher exited before publishing")
+
+    def join(self) -> float:
+        """Wait for the end; seconds spent publishing at full speed (0 at a fixed rate)."""
+        self.process.join()
+        return float(self._seconds.value)
+
+
+def start(port: int, count: int, *, rate: float | None = None, seed: int = 11) -> Publisher:
+    return Publisher(port, count, rate, seed)
