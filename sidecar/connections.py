@@ -75,7 +75,7 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
 # The ACL rules (after `ACL SETUSER <user> on ><password>`) that are enough for everything
 # the sidecar and its client commands do, and no more: stream keys `task-events:*`, the
 # projection `task-tracking:*`. Commands a Lua script calls are checked too (HMGET, DEL,
-# HSET, EXPIRE by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
+# HSET, EXPIRE, ZADD by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
 # consumer removal). MULTI/EXEC wrap dead-lettering on a standalone server; COMMAND and
 # CLUSTER SLOTS/SHARDS are what the cluster client needs to find nodes and key slots.
 LEAST_PRIVILEGE_ACL = (

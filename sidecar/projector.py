@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
 CALL_SIZE = 64
+MAX_IN_FLIGHT = 4
 
 # KEYS[1..n]  execution hashes, one per item of ARGV[2]
 # KEYS[n+1..] project indexes, one per item of ARGV[3]
@@ -283,15 +284,21 @@ class RedisTaskStatusProjector:
         runs = coalesce(events)
         if isinstance(self.redis, RedisCluster):
             return await self._apply_pipelined(calls_by_slot(runs, events))
-        sent = []
-        for call in calls_in_chunks(runs, events):
-            sent.append(asyncio.ensure_future(self._run(call)))
-            await asyncio.sleep(0)  # let it go out: Redis runs it while the next is built
+        # Each call goes out as soon as it is built, so Redis runs one while the next is
+        # built; at most MAX_IN_FLIGHT at once (each takes a pooled connection).
+        in_flight: deque[asyncio.Future[int]] = deque()
         applied = 0
-        for result in await asyncio.gather(*sent, return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
-            applied += result
+        try:
+            for call in calls_in_chunks(runs, events):
+                if len(in_flight) == MAX_IN_FLIGHT:
+                    applied += await in_flight.popleft()
+                in_flight.append(asyncio.ensure_future(self._run(call)))
+                await asyncio.sleep(0)  # let it go out now
+            while in_flight:
+                applied += await in_flight.popleft()
+        finally:
+            # after a failure, the calls still out finish (never cancelled mid-command)
+            await asyncio.gather(*in_flight, return_exceptions=True)
         return applied
 
     async def _run(self, call: _ScriptCall) -> int:
