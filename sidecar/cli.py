@@ -129,9 +129,8 @@ async def serve(settings: Settings, on_started: Callable[[], None] | None = None
     eventloop.tune_garbage_collector()  # after the imports: they live until exit
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        eventloop.add_signal_handler(signum, stop.set)  # remembered: kopf replaces it
     sidecar = Sidecar(settings)
     if on_started is None:
         await run_until_signalled(sidecar, stop)

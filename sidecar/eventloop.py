@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Coroutine
+import signal
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 T = TypeVar("T")
 
@@ -41,3 +43,48 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run`, on uvloop when it is installed."""
     with asyncio.Runner(loop_factory=LOOP_FACTORY) as runner:
         return runner.run(main)
+
+
+# The signal handlers added through `add_signal_handler`, per loop: neither asyncio nor
+# uvloop says which handler is installed, and kopf replaces them when it starts.
+_SignalHandler = tuple[Callable[..., object], tuple[Any, ...]]
+_signal_handlers: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _SignalHandler]] = (
+    WeakKeyDictionary()
+)
+
+
+def add_signal_handler(sig: int, callback: Callable[..., object], *args: Any) -> None:
+    """`loop.add_signal_handler` on the running loop, remembered for
+    `restore_signal_handlers`."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(sig, callback, *args)
+    _signal_handlers.setdefault(loop, {})[sig] = (callback, args)
+
+
+def remove_signal_handler(sig: int) -> None:
+    loop = asyncio.get_running_loop()
+    loop.remove_signal_handler(sig)
+    _signal_handlers.get(loop, {}).pop(sig, None)
+
+
+def restore_signal_handlers(python_handlers: dict[int, Any]) -> None:
+    """After a library replaced the running loop's handlers of these signals: put back
+    those added through `add_signal_handler`, else the Python-level handler saved before
+    (`signal.getsignal`). Does nothing outside the main thread (no handlers there)."""
+    loop = asyncio.get_running_loop()
+    own = _signal_handlers.get(loop, {})
+    for sig, python_handler in python_handlers.items():
+        try:
+            if sig in own:
+                callback, args = own[sig]
+                loop.add_signal_handler(sig, callback, *args)
+            else:
+                loop.remove_signal_handler(sig)
+                if python_handler is not None:
+                    signal.signal(sig, python_handler)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+
+def python_signal_handlers(signals: Iterable[int]) -> dict[int, Any]:
+    return {sig: signal.getsignal(sig) for sig in signals}

@@ -19,8 +19,9 @@ How kopf is embedded, and why (DESIGN.md, "Known pitfalls"):
   it), and a write that changes nothing is a no-op at the API server, so nothing loops.
 - kopf's ``spawn_tasks`` installs its own SIGINT/SIGTERM handlers when it runs in the main
   thread (``loop.add_signal_handler``) and never removes them. The sidecar drives its own
-  shutdown, so the handlers that were there before are put back as soon as
-  ``spawn_tasks`` returns; kopf stops only through ``stop_flag``.
+  shutdown, so its handlers are put back as soon as ``spawn_tasks`` returns; kopf stops
+  only through ``stop_flag``. They are installed through ``eventloop.add_signal_handler``,
+  which remembers them: neither asyncio nor uvloop says which handler is installed.
 - ``kopf.operator()`` cancels, when it exits, every task created after it started, not
   only its own. This module runs ``spawn_tasks`` + ``run_tasks`` itself and passes as
   ``ignored`` every task that was not created from inside this watch's kopf context
@@ -58,6 +59,7 @@ import kopf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from pydantic.alias_generators import to_camel
 
+from sidecar import eventloop
 from sidecar.archive_switch import ArchiveControl, ArchiveSpec, ArchiveState, RetentionSpec
 
 logger = logging.getLogger(__name__)
@@ -239,7 +241,7 @@ class ResourceWatch:
         loop = asyncio.get_running_loop()
         owners = _TaskOwners.install(loop)
         _OWNER.set(self)  # this task's own context: every task kopf creates inherits it
-        saved = _save_signal_handlers(loop)
+        saved = eventloop.python_signal_handlers(_SIGNALS)
         tasks = await kopf.spawn_tasks(
             registry=self._registry(),
             settings=self._settings(),
@@ -249,7 +251,7 @@ class ResourceWatch:
             stop_flag=self._stop_flag,
             ready_flag=self.ready,
         )
-        _restore_signal_handlers(loop, saved)
+        eventloop.restore_signal_handlers(saved)  # kopf's replaced the sidecar's
         await kopf.run_tasks(tasks, ignored=_ForeignTasks(owners, self))
 
     # ------------------------------------------------------------------ handling
@@ -524,25 +526,3 @@ class _ForeignTasks(Collection["asyncio.Task[Any]"]):
 # ---------------------------------------------------------------------- signal handlers
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _save_signal_handlers(loop: asyncio.AbstractEventLoop) -> dict[signal.Signals, Any]:
-    # asyncio keeps no public accessor; the Handle objects are in the private mapping.
-    handlers: dict[int, asyncio.Handle] = getattr(loop, "_signal_handlers", {})
-    return {sig: (handlers.get(sig), signal.getsignal(sig)) for sig in _SIGNALS}
-
-
-def _restore_signal_handlers(
-    loop: asyncio.AbstractEventLoop, saved: Mapping[signal.Signals, Any]
-) -> None:
-    """Undo the SIGINT/SIGTERM handlers kopf installs in the main thread."""
-    for sig, (handle, python_handler) in saved.items():
-        try:
-            if handle is not None:
-                loop.add_signal_handler(sig, handle._callback, *handle._args)
-            else:
-                loop.remove_signal_handler(sig)
-                if python_handler is not None:
-                    signal.signal(sig, python_handler)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread or no signal support: kopf installed nothing either

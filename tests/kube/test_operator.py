@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from sidecar import eventloop
 from sidecar.archive_switch import RetentionSpec
+from sidecar.devserver import free_port
 from sidecar.operator import ArchiveSpec, ArchiveState, ResourceWatch, parse_archive_spec
+from tests.helpers import SidecarProcess
 
 from .api import KubeAPI
 
@@ -384,17 +388,38 @@ async def test_stop_cancels_no_tasks_kopf_did_not_create(
 async def test_signal_handlers_of_the_sidecar_survive_kopf(
     api: KubeAPI, control: FakeControl
 ) -> None:
-    loop = asyncio.get_running_loop()
     received: list[str] = []
-    loop.add_signal_handler(signal.SIGTERM, received.append, "sidecar")
+    eventloop.add_signal_handler(signal.SIGTERM, received.append, "sidecar")
     try:
         async with running(make_watch(control)):
-            handle = loop._signal_handlers[signal.SIGTERM]  # type: ignore[attr-defined]
-            assert handle._args == ("sidecar",)
-        handle = loop._signal_handlers[signal.SIGTERM]  # type: ignore[attr-defined]
-        assert handle._args == ("sidecar",)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await eventually(lambda: received == ["sidecar"], what="the sidecar's handler ran")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await eventually(lambda: received == ["sidecar"] * 2, what="still the sidecar's")
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        eventloop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_sidecar_process_with_the_watch_on_stops_on_sigterm(
+    api: KubeAPI, redis_url: str, tmp_path: Path
+) -> None:
+    # The process runs on uvloop, which (unlike asyncio) does not expose its handlers.
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_TRACKING_")}
+    env.update(
+        TASK_TRACKING_REDIS_URL=redis_url,
+        TASK_TRACKING_RESOURCE_NAME=NAME,
+        TASK_TRACKING_NAMESPACE=NS,
+        TASK_TRACKING_HTTP_PORT=str(http_port),
+    )
+    sidecar = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    try:
+        watching = lambda: any(r.query.get("watch") for r in api.requests)  # noqa: E731
+        await eventually(watching, within=30, what="the process watches the resource")
+        await asyncio.sleep(0.5)  # kopf has installed its handlers by now
+        assert await asyncio.to_thread(sidecar.terminate, 20) == 0, sidecar.log()
+    finally:
+        sidecar.kill()
 
 
 async def test_without_credentials_the_watch_stays_off(
