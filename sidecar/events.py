@@ -115,7 +115,10 @@ def occurred_at_ms(value: str | int) -> int:
         raise ValueError("must be ISO-8601 with a timezone or epoch milliseconds") from None
     if parsed.tzinfo is None:
         raise ValueError("ISO-8601 timestamp needs a timezone (for example ...T10:00:00.000Z)")
-    return (parsed - EPOCH) // ONE_MS
+    millis = (parsed - EPOCH) // ONE_MS
+    if millis < 0:  # as for epoch ms; and 0001-01-01T00:00+01:00 has no UTC day at all
+        raise ValueError("must not be before 1970-01-01T00:00:00Z")
+    return millis
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x on the per-event path

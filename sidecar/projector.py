@@ -1,19 +1,23 @@
 """`RedisTaskStatusProjector`: the latest-status projection, kept by the ordering rule.
 
-A batch is one round trip: one EVALSHA of a script that declares every key the
-batch touches (the execution hashes and the project indexes), applies the
-compare-and-set to each execution hash and `ZADD ... GT` to each index. On
-Redis Cluster the batch is split by hash slot, one EVALSHA per slot, so every
-script stays on a single slot.
+A batch is applied by a Lua script that declares every key it touches (execution
+hashes and project indexes), applies the compare-and-set to each execution hash
+and `ZADD ... GT` to each index. On a standalone server the script runs once per
+`CALL_SIZE` executions, each call sent as soon as it is built so that Redis
+runs one while Python builds the next; the call that carries the indexes goes
+last, after the others finished, so an index never names an execution before
+its hash is written. On Redis Cluster a batch is one pipeline of one call per
+hash slot, so every script stays on a single slot.
 
 Before it goes to Redis a batch is coalesced: of the events of one execution,
 only those that beat every earlier one in the batch could change the
 projection when applied in order, and the last of them is where the execution
 ends up. The script writes that one and counts the others against the stored
 event, so the projection and the applied/stale counts are those of applying
-every event in turn, for a fraction of the work.
+every event in turn. It pays off when a batch holds several events of one
+execution (short tasks, or a backlog); otherwise it costs one dict lookup.
 
-The batch travels as JSON arguments (decoded by the server's cjson): packing
+Items travel as JSON arguments (decoded by the server's cjson): packing
 thousands of separate arguments in Python cost more than the whole apply.
 """
 
@@ -23,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -87,8 +91,7 @@ for i, item in ipairs(items) do
     end
   end
   if wins > 0 then
-    -- the whole hash is replaced; a new execution (the common case) has nothing to delete
-    if current[1] or current[2] or current[3] then redis.call('DEL', key) end
+    redis.call('DEL', key)  -- the whole hash is replaced
     -- in slices: unpack() of thousands of fields would overflow Lua's stack
     for first = 5, #item, 200 do
       redis.call('HSET', key, unpack(item, first, math.min(first + 199, #item)))
@@ -133,6 +136,14 @@ def _script_item(run: list[ValidEvent]) -> list[object]:
         item.append(value if isinstance(value, str) else orjson.dumps(value).decode())
     item += ["occurredAtMs", str(event.occurred_at_ms), "streamId", event.entry_id]
     return item
+
+
+class BatchRefused(ResponseError):
+    """Redis refused some of a batch's calls; `applied` counts what the others applied."""
+
+    def __init__(self, refusal: BaseException, applied: int) -> None:
+        super().__init__(str(refusal))
+        self.applied = applied
 
 
 @dataclass
@@ -180,8 +191,8 @@ def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
 def calls_in_chunks(
     runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
 ) -> Iterator[_ScriptCall]:
-    """A batch's calls on a standalone server, `CALL_SIZE` executions each, built lazily
-    (the indexes go with the last call)."""
+    """A batch's calls on a standalone server, `CALL_SIZE` executions each, built lazily;
+    the last one carries the project indexes."""
     call = _ScriptCall()
     for execution_id, run in runs.items():
         call.add_execution(execution_key(execution_id), run)
@@ -251,8 +262,11 @@ class RedisTaskStatusProjector:
         except ResponseError as exc:
             # Redis refused the batch (a key of another type, say): apply one event at a
             # time and hand back those Redis refuses, so one event cannot block the group.
+            # What the batch's other calls applied counts; applied again, it is a no-op.
             log.warning("batch refused by Redis (%s); applying its events one by one", exc)
+            partly = exc.applied if isinstance(exc, BatchRefused) else 0
             applied, events = await self._apply_one_by_one(events)
+            applied += partly
         self._buffer = []
         now = time.time()
         observe_many(
@@ -284,21 +298,26 @@ class RedisTaskStatusProjector:
         runs = coalesce(events)
         if isinstance(self.redis, RedisCluster):
             return await self._apply_pipelined(calls_by_slot(runs, events))
-        # Each call goes out as soon as it is built, so Redis runs one while the next is
-        # built; at most MAX_IN_FLIGHT at once (each takes a pooled connection).
-        in_flight: deque[asyncio.Future[int]] = deque()
-        applied = 0
+        sent: list[asyncio.Task[int]] = []
         try:
             for call in calls_in_chunks(runs, events):
-                if len(in_flight) == MAX_IN_FLIGHT:
-                    applied += await in_flight.popleft()
-                in_flight.append(asyncio.ensure_future(self._run(call)))
+                out = [task for task in sent if not task.done()]
+                if call.index_keys and out:  # the indexes after every hash of the batch
+                    await asyncio.wait(out)
+                elif len(out) >= MAX_IN_FLIGHT:  # each call out holds a pooled connection
+                    await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
+                sent.append(asyncio.ensure_future(self._run(call)))
                 await asyncio.sleep(0)  # let it go out now
-            while in_flight:
-                applied += await in_flight.popleft()
         finally:
-            # after a failure, the calls still out finish (never cancelled mid-command)
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            if sent:  # every call finishes, even when this is cancelled: none cut mid-command
+                await asyncio.wait(sent)
+        failures = [error for task in sent if (error := task.exception()) is not None]
+        applied = sum(task.result() for task in sent if task.exception() is None)
+        for failure in failures:
+            if not isinstance(failure, ResponseError):
+                raise failure  # a lost connection, say: the runner retries the batch
+        if failures:
+            raise BatchRefused(failures[0], applied)
         return applied
 
     async def _run(self, call: _ScriptCall) -> int:

@@ -40,8 +40,9 @@ async def test_a_refused_event_in_a_batch_of_many_script_calls(
     events = [event(f"x{n}", "in_progress") for n in range(count)]
     events += [event(f"x{n}", "success", occurred_at=2_000_000_000_000) for n in range(count)]
     ids = await publish(redis_client, STREAM, events)
-    async with running_sidecar(redis_url, redis_batch_size=2 * count):
+    async with running_sidecar(redis_url, redis_batch_size=2 * count) as sidecar:
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+        metrics = sidecar.metrics.registry
     names = [f"x{n}" for n in range(count) if n != count // 2]
     state = await projection(redis_client, names)
     assert {fields["status"] for fields in state.values()} == {"success"}
@@ -49,3 +50,7 @@ async def test_a_refused_event_in_a_batch_of_many_script_calls(
     assert sorted(fields[b"sourceId"].decode() for _, fields in dead) == sorted(
         [ids[count // 2], ids[count + count // 2]]
     )
+    # both events of every other execution took effect, counted once each
+    group = {"group": PROJECTOR}
+    assert metrics.get_sample_value("task_tracking_events_applied_total", group) == 2 * count - 2
+    assert metrics.get_sample_value("task_tracking_events_stale_total", group) == 0

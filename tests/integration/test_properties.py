@@ -132,10 +132,81 @@ async def _check(redis_url: str, deliveries: list[dict[str, Any]], batch: int) -
 
 
 async def _snapshot(client: aioredis.Redis) -> dict[bytes, Any]:
+    """Every projection key: a hash with whether it expires, an index with its scores."""
     state: dict[bytes, Any] = {}
     async for key in client.scan_iter("task-tracking:*"):
         if await client.type(key) == b"hash":
-            state[key] = await client.hgetall(key)
+            state[key] = (await client.hgetall(key), await client.ttl(key) > 0)
         else:
             state[key] = await client.zrange(key, 0, -1, withscores=True)
     return state
+
+
+def _rich_event(execution: int, millis: int, status: str, event_id: str, project: str) -> Any:
+    return {
+        "eventId": event_id,
+        "executionId": f"x{execution}",
+        "taskName": "t",
+        "status": status,
+        "project": project,
+        "occurredAt": 1_700_000_000_000 + millis,
+        "actor": {"provider": "github", "id": event_id},  # a non-string field (JSON)
+    }
+
+
+rich_events = st.builds(
+    _rich_event,
+    st.integers(0, 199),
+    st.integers(0, 3),
+    st.sampled_from(["in_progress", "success", "error"]),
+    st.text(alphabet="aé\u00ff\U0001f600\x00z", min_size=1, max_size=3),  # byte-wise order
+    st.sampled_from(["o/r", "o/s", "p/q"]),  # an execution may move between projects
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    prior=st.lists(rich_events, max_size=30),
+    batch=st.lists(rich_events, min_size=100, max_size=500),
+)
+def test_a_large_batch_on_any_prior_state_equals_one_at_a_time(
+    redis_url: str, prior: list[dict[str, Any]], batch: list[dict[str, Any]]
+) -> None:
+    """Many executions (several script calls), repeats, equal keys, unicode event IDs,
+    executions in several projects, a finished-execution TTL, and whatever was stored."""
+    asyncio.run(_check_large(redis_url, prior, batch))
+
+
+async def _check_large(
+    redis_url: str, prior: list[dict[str, Any]], batch: list[dict[str, Any]]
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        projector = RedisTaskStatusProjector(
+            client, Metrics(), group="property", finished_ttl_seconds=1000
+        )
+        before = [_decoded(n, data) for n, data in enumerate(prior)]
+        events = [_decoded(len(prior) + n, data) for n, data in enumerate(batch)]
+        results = []
+        for one_at_a_time in (False, True):
+            await client.flushall()
+            for event in before:
+                await projector.apply([event])
+            if one_at_a_time:
+                applied = sum([await projector.apply([event]) for event in events])
+            else:
+                applied = await projector.apply(events)
+            results.append((applied, await _snapshot(client)))
+        assert results[0] == results[1]
+    finally:
+        await client.aclose()
+
+
+def _decoded(n: int, data: dict[str, Any]) -> ValidEvent:
+    event = decode_entry(f"{n + 1}-0", {EVENT_FIELD: orjson.dumps(data)})
+    assert isinstance(event, ValidEvent)
+    return event

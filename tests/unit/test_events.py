@@ -46,6 +46,9 @@ def test_iso_and_epoch_ms_timestamps_give_the_same_millisecond() -> None:
         (event(occurred_at="yesterday"), "occurredAt"),
         (event(occurred_at=True), "occurredAt"),
         (event(occurred_at=1.5), "occurredAt"),
+        (event(occurred_at=-1), "occurredAt"),
+        (event(occurred_at="1969-12-31T23:59:59.999Z"), "before 1970"),
+        (event(occurred_at="0001-01-01T00:00:00+01:00"), "before 1970"),  # no UTC day
         (event(event_id=""), "eventId"),
         (event(actor={"provider": "email", "id": "x"}), "actor.provider"),
         (event(prLinks=["not a url"]), "prLinks"),
