@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.connection import HiredisRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
@@ -67,7 +68,7 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
     scheme, rest = url.split("://", 1)
     if scheme in CLUSTER_SCHEMES:
         return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-    if scheme in PACKED_CONNECTIONS:
+    if scheme in PACKED_CONNECTIONS and HIREDIS_AVAILABLE:
         options.setdefault("connection_class", PACKED_CONNECTIONS[scheme])
     return Redis.from_url(url, **options)
 
