@@ -37,8 +37,10 @@ def main() -> int:
         try:
             for count in (10_000,) if small else (100_000, 1_000_000):
                 rows.append(_step(cases.projector_drain, server, count))
-            # the worst case for coalescing: no two events of one execution in a batch
-            rows.append(_step(cases.projector_drain, server, 10_000 if small else 100_000, 1))
+            # short tasks: the projector's batches coalesce an execution's events
+            rows.append(
+                _step(cases.projector_drain, server, 10_000 if small else 100_000, adjacent=True)
+            )
             rows.append(_step(cases.projector_live, server, 20_000 if small else 200_000))
             for rate in (1000, 5000):
                 rows += _step(cases.latency, server, rate, 2.0 if small else 10.0)
@@ -59,9 +61,9 @@ def main() -> int:
     return 0
 
 
-def _step(case: Any, *args: Any) -> Any:
-    print(f"... {case.__name__}{args[1:]}", file=sys.stderr, flush=True)
-    return case(*args)
+def _step(case: Any, *args: Any, **options: Any) -> Any:
+    print(f"... {case.__name__}{args[1:]} {options or ''}", file=sys.stderr, flush=True)
+    return case(*args, **options)
 
 
 def table(rows: list[cases.Row]) -> str:

@@ -18,25 +18,43 @@ BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 def events(
-    count: int, *, seed: int = 7, per_execution: int = 3, projects: int = 100
+    count: int,
+    *,
+    seed: int = 7,
+    per_execution: int = 3,
+    projects: int = 100,
+    adjacent: bool = False,
 ) -> Iterator[dict[str, object]]:
     """A realistic mix: executions of `per_execution` events (in_progress, then a terminal
-    status), interleaved, a few late and duplicate events, ISO and epoch timestamps."""
+    status) over `projects` projects, 1% of events late, ISO and epoch timestamps.
+
+    Executions start one per slot and last 500 to 5,000 slots, so with 3 events per
+    execution the events of one execution sit hundreds to thousands of entries apart in
+    the stream (median about 4,000), interleaved with others': tasks that run for seconds
+    in a busy stream (a batch of 500 rarely holds two of them). `adjacent`: each
+    execution's events follow each other (short tasks; the projector's batches coalesce
+    them)."""
     rng = random.Random(seed)
-    for index in range(count):
-        execution = index // per_execution
-        step = index % per_execution
+    executions = -(-count // per_execution)
+    schedule: list[tuple[float, int, int]] = []
+    for execution in range(executions):
+        duration = 0 if adjacent else rng.uniform(500, 5000)
+        for step in range(per_execution):
+            at = execution + duration * step / max(1, per_execution - 1)
+            schedule.append((at, execution, step))
+    schedule.sort()
+    for at, execution, step in schedule[:count]:
         status = "in_progress" if step < per_execution - 1 else rng.choice(("success", "error"))
-        millis = BASE_MS + execution * 37 + step * 5
+        millis = BASE_MS + int(at * 37) + step * 5
         if rng.random() < 0.01:
             millis -= 1000  # a late event
         occurred: object = millis
-        if index % 2:
+        if rng.random() < 0.5:
             occurred = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis / 1000)) + (
                 f".{millis % 1000:03d}Z"
             )
         event: dict[str, object] = {
-            "eventId": f"evt-{seed}-{index:09d}",
+            "eventId": f"evt-{seed}-{execution:08d}-{step}",
             "executionId": f"exec-{seed}-{execution:08d}",
             "taskName": "deploy",
             "status": status,
@@ -51,9 +69,16 @@ def events(
 
 
 def encoded(
-    count: int, *, seed: int = 7, projects: int = 100, per_execution: int = 3
+    count: int,
+    *,
+    seed: int = 7,
+    projects: int = 100,
+    per_execution: int = 3,
+    adjacent: bool = False,
 ) -> list[bytes]:
-    chosen = events(count, seed=seed, projects=projects, per_execution=per_execution)
+    chosen = events(
+        count, seed=seed, projects=projects, per_execution=per_execution, adjacent=adjacent
+    )
     return [orjson.dumps(event) for event in chosen]
 
 
