@@ -36,10 +36,10 @@ def main() -> int:
         moto = MotoServer()
         try:
             for count in (10_000,) if small else (100_000, 1_000_000):
-                rows.append(_step(cases.projector_drain, server, count))
+                rows += _step(cases.projector_drain, server, count)
             # short tasks: the projector's batches coalesce an execution's events
-            rows.append(
-                _step(cases.projector_drain, server, 10_000 if small else 100_000, adjacent=True)
+            rows += _step(
+                cases.projector_drain, server, 10_000 if small else 100_000, adjacent=True
             )
             rows.append(_step(cases.projector_live, server, 20_000 if small else 200_000))
             for rate in (1000, 5000):
