@@ -15,7 +15,7 @@ projection when applied in order, and the last of them is where the execution
 ends up. The script writes that one and counts the others against the stored
 event, so the projection and the applied/stale counts are those of applying
 every event in turn. It pays off when a batch holds several events of one
-execution (short tasks, or a backlog); otherwise it costs one dict lookup.
+execution (short tasks); otherwise it costs a dict lookup per event.
 
 Items travel as JSON arguments (decoded by the server's cjson): packing
 thousands of separate arguments in Python cost more than the whole apply.
@@ -76,7 +76,7 @@ local applied = 0
 for i, item in ipairs(items) do
   local key = KEYS[i]
   local ms, rank, id, earlier = tonumber(item[1]), tonumber(item[2]), item[3], item[4]
-  local wins = 1 + #earlier / 3
+  local wins = 1 + #earlier / 3  -- events that take effect: all, unless one is stale
   local current = redis.call('HMGET', key, 'occurredAtMs', 'status', 'eventId')
   if current[1] then
     local ms2, id2 = tonumber(current[1]), current[3] or ''
