@@ -23,6 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.servers import proc_rss_mib
+from bench.workload import STREAM
 from sidecar import eventloop
 from sidecar.devserver import DevServer
 from tests.conftest import MotoServer, s3_environment
@@ -38,7 +39,6 @@ from tests.helpers import (
     wait_for,
 )
 
-STREAM = "task-events:v1"
 BUCKET = "soak"
 T0 = 1_773_568_800_000
 

@@ -18,6 +18,13 @@ import redis.asyncio as aioredis
 
 from sidecar.events import STATUS_RANK
 
+# The contract's default names (DESIGN.md), written out: tests check the contract, not
+# the code's defaults.
+STREAM = "task-events:v1"
+DEAD_LETTER = f"{STREAM}:dead-letter"
+PROJECTOR = "task-status-projector"
+ARCHIVER = "task-history-archiver"
+
 _counter = itertools.count()
 
 

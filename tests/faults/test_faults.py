@@ -24,6 +24,9 @@ import redis.asyncio as aioredis
 from sidecar.devserver import DevServer
 from tests.conftest import MotoServer, s3_environment
 from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
     SidecarProcess,
     archive_objects_s3,
     check_exactly_once,
@@ -39,9 +42,6 @@ from tests.servers import start_server
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 BUCKET = "history"
 DAY = 86_400_000
 T0 = 1_773_568_800_000

@@ -13,6 +13,9 @@ from sidecar.archiver import FlushPolicy
 from sidecar.replay import replay_archive
 from tests.conftest import MotoServer
 from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
     archive_objects_folder,
     archive_objects_s3,
     check_exactly_once,
@@ -28,9 +31,6 @@ from tests.helpers import (
     wait_for,
 )
 
-STREAM = "task-events:v1"
-ARCHIVER = "task-history-archiver"
-PROJECTOR = "task-status-projector"
 DAY = 86_400_000
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
 

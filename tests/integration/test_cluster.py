@@ -22,6 +22,10 @@ from redis.asyncio import RedisCluster
 from sidecar.cli import main as cli_main
 from sidecar.projector import COMPARE_AND_SET
 from tests.helpers import (
+    ARCHIVER,
+    DEAD_LETTER,
+    PROJECTOR,
+    STREAM,
     archive_objects_folder,
     check_exactly_once,
     event,
@@ -34,10 +38,6 @@ from tests.helpers import (
 from tests.integration.test_tls_acl import everything_the_sidecar_does
 from tests.servers import ACL_PASSWORD, ACL_USER, RedisClusterServers, acl_refusals, create_acl_user
 
-STREAM = "task-events:v1"
-DEAD_LETTER = f"{STREAM}:dead-letter"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
 
 

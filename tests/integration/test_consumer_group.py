@@ -11,6 +11,8 @@ import redis.asyncio as aioredis
 
 from sidecar.devserver import DevServer
 from tests.helpers import (
+    PROJECTOR,
+    STREAM,
     SidecarProcess,
     event,
     expected_projection,
@@ -22,9 +24,6 @@ from tests.helpers import (
     sidecar_env,
     wait_for,
 )
-
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
 
 
 async def read_without_ack(client: aioredis.Redis, consumer: str, count: int = 100) -> list:

@@ -20,6 +20,8 @@ import redis.asyncio as aioredis
 
 from sidecar.logs import JsonFormatter
 from tests.helpers import (
+    PROJECTOR,
+    STREAM,
     SidecarProcess,
     archive_objects_folder,
     event,
@@ -30,8 +32,6 @@ from tests.helpers import (
     wait_for,
 )
 
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
 PASSWORD = "s3cret-Pa55word"
 
 

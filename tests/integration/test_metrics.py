@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.archive_switch import ArchiveTarget
 from tests.conftest import MotoServer
 from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
     archive_objects_folder,
     archive_objects_s3,
     event,
@@ -30,10 +33,6 @@ from tests.helpers import (
 )
 from tests.kube.api import KubeAPI
 
-STREAM = "task-events:v1"
-DEAD_LETTER = f"{STREAM}:dead-letter"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 CHART = Path(__file__).resolve().parents[2] / "charts" / "task-tracking"
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
 DAY = 86_400_000

@@ -5,10 +5,16 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT
-from tests.helpers import event, group_done, projection, publish, running_sidecar, wait_for
-
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
+from tests.helpers import (
+    PROJECTOR,
+    STREAM,
+    event,
+    group_done,
+    projection,
+    publish,
+    running_sidecar,
+    wait_for,
+)
 
 
 async def test_an_event_redis_refuses_is_dead_lettered_and_the_rest_projected(

@@ -8,6 +8,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from tests.helpers import (
+    PROJECTOR,
+    STREAM,
     event,
     expected_projection,
     group_done,
@@ -16,10 +18,6 @@ from tests.helpers import (
     running_sidecar,
     wait_for,
 )
-
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 
 
 async def project(redis_url: str, client: aioredis.Redis, events: list, **settings) -> None:

@@ -15,10 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.publisher import RedisTaskTrackingService
-from tests.helpers import group_done, running_sidecar, wait_for
-
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
+from tests.helpers import PROJECTOR, STREAM, group_done, running_sidecar, wait_for
 
 
 async def test_emit_writes_one_camel_case_event_field(redis_client: aioredis.Redis) -> None:

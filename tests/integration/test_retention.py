@@ -11,6 +11,9 @@ import redis.asyncio as aioredis
 from sidecar.archive_switch import ArchiveTarget
 from sidecar.archiver import FlushPolicy
 from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
     archive_objects_folder,
     check_exactly_once,
     event,
@@ -20,9 +23,6 @@ from tests.helpers import (
     wait_for,
 )
 
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 FAST = FlushPolicy(max_events=1000, max_bytes=1 << 20, max_age_seconds=0.2)
 
 

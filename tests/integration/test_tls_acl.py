@@ -27,6 +27,10 @@ import redis.asyncio as aioredis
 from sidecar.cli import main as cli_main
 from sidecar.connections import NO_CLIENT_SETINFO, connect
 from tests.helpers import (
+    ARCHIVER,
+    DEAD_LETTER,
+    PROJECTOR,
+    STREAM,
     archive_objects_folder,
     check_exactly_once,
     event,
@@ -47,10 +51,6 @@ from tests.servers import (
     start_tls_server,
 )
 
-STREAM = "task-events:v1"
-DEAD_LETTER = f"{STREAM}:dead-letter"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
 
 

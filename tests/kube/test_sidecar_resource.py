@@ -18,6 +18,9 @@ import redis.asyncio as aioredis
 
 from tests.conftest import MotoServer
 from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
     archive_objects_s3,
     check_exactly_once,
     event,
@@ -33,9 +36,6 @@ from .cluster import ClusterAPI
 
 NS = "apps"
 NAME = "task-tracking"
-STREAM = "task-events:v1"
-PROJECTOR = "task-status-projector"
-ARCHIVER = "task-history-archiver"
 FLUSH = {"maxEvents": 100, "maxAgeSeconds": 1}
 
 
