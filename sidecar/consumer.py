@@ -65,6 +65,10 @@ return 0
 """
 
 
+# Entries decoded between two turns of the event loop when a batch is read ahead.
+DECODE_SLICE = 50
+
+
 class WorkerError(Exception):
     """A failure the worker explains in its message (a bucket missing, say): logged as
     one line, without a traceback, and retried with backoff."""
@@ -215,7 +219,17 @@ class ConsumerGroupRunner:
                 await asyncio.gather(ahead, return_exceptions=True)
 
     async def _read_batch(self) -> Batch:
-        return self._decode(await self._read_new())
+        """Read and decode a batch, giving way to the loop every `DECODE_SLICE` entries:
+        read ahead, the decoding would otherwise hold the loop for milliseconds while
+        the server, its queue of script calls run dry, waits for the next one."""
+        entries = await self._read_new()
+        batch = self._decode(entries[:DECODE_SLICE])
+        for start in range(DECODE_SLICE, len(entries), DECODE_SLICE):
+            await asyncio.sleep(0)
+            more = self._decode(entries[start : start + DECODE_SLICE])
+            batch.valid += more.valid
+            batch.invalid += more.invalid
+        return batch
 
     async def stop(self) -> None:
         """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""

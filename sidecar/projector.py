@@ -1,13 +1,13 @@
 """`RedisTaskStatusProjector`: the latest-status projection, kept by the ordering rule.
 
 A batch is applied by a Lua script that declares every key it touches (execution
-hashes and project indexes), applies the compare-and-set to each execution hash
-and `ZADD ... GT` to each index. On a standalone server the script runs once per
-`CALL_SIZE` executions, each call sent as soon as it is built so that Redis
-runs one while Python builds the next; the call that carries the indexes goes
-last, after the others finished, so an index never names an execution before
-its hash is written. On Redis Cluster a batch is one pipeline of one call per
-hash slot, so every script stays on a single slot.
+hashes and project indexes), applies the compare-and-set to each execution hash,
+then `ZADD ... GT` to each index. On a standalone server the script runs once per
+`CALL_SIZE` executions, with the index entries of those executions, each call
+sent as soon as it is built so that Redis runs one while Python builds the next
+(and decodes the batch read ahead). On Redis Cluster a batch is one pipeline of
+one call per hash slot, so every script stays on a single slot; there an index
+may name an execution a moment before its hash is written (another slot).
 
 Before it goes to Redis a batch is coalesced: of the events of one execution,
 only those that beat every earlier one in the batch could change the
@@ -191,17 +191,22 @@ def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
 def calls_in_chunks(
     runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
 ) -> Iterator[_ScriptCall]:
-    """A batch's calls on a standalone server, `CALL_SIZE` executions each, built lazily;
-    the last one carries the project indexes."""
-    call = _ScriptCall()
-    for execution_id, run in runs.items():
-        call.add_execution(execution_key(execution_id), run)
-        if len(call.keys) == CALL_SIZE:
-            yield call
-            call = _ScriptCall()
-    for project, members in index_members(events).items():
-        call.add_index(project_index_key(project), members)
-    yield call
+    """A batch's calls on a standalone server, built lazily: `CALL_SIZE` executions each,
+    with the index entries of every event of those executions (so an index never names an
+    execution before its hash is written, and no call waits for another)."""
+    execution_ids = list(runs)
+    chunks = [execution_ids[n : n + CALL_SIZE] for n in range(0, len(runs), CALL_SIZE)]
+    chunk_of = {execution_id: n for n, chunk in enumerate(chunks) for execution_id in chunk}
+    events_of: list[list[ValidEvent]] = [[] for _ in chunks]
+    for event in events:
+        events_of[chunk_of[event.execution_id]].append(event)
+    for chunk, chunk_events in zip(chunks, events_of, strict=True):
+        call = _ScriptCall()
+        for execution_id in chunk:
+            call.add_execution(execution_key(execution_id), runs[execution_id])
+        for project, members in index_members(chunk_events).items():
+            call.add_index(project_index_key(project), members)
+        yield call
 
 
 def calls_by_slot(
@@ -302,9 +307,7 @@ class RedisTaskStatusProjector:
         try:
             for call in calls_in_chunks(runs, events):
                 out = [task for task in sent if not task.done()]
-                if call.index_keys and out:  # the indexes after every hash of the batch
-                    await asyncio.wait(out)
-                elif len(out) >= MAX_IN_FLIGHT:  # each call out holds a pooled connection
+                if len(out) >= MAX_IN_FLIGHT:  # each call out holds a pooled connection
                     await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
                 sent.append(asyncio.ensure_future(self._run(call)))
                 await asyncio.sleep(0)  # let it go out now
