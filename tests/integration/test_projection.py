@@ -7,6 +7,8 @@ import random
 import orjson
 import redis.asyncio as aioredis
 
+from sidecar.consumer import DECODE_SLICE
+from sidecar.projector import CALL_SIZE
 from tests.helpers import (
     PROJECTOR,
     STREAM,
@@ -139,3 +141,40 @@ async def test_every_invalid_kind_lands_once_in_the_dead_letter_stream(
         else:
             assert b"event" not in fields
     assert (await projection(redis_client, ["ok"]))["ok"]["status"] == "success"
+
+
+async def test_a_batch_of_several_decode_slices_and_calls_keeps_order_and_indexes(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # A batch read ahead is decoded in slices and applied in several script calls, each
+    # with its own executions' index entries: invalid entries on the slices' edges are
+    # dead-lettered in stream order, and every index ends at each execution's greatest
+    # occurredAt, also for an execution that moved project within the batch.
+    size = 3 * DECODE_SLICE + 7
+    assert size > 2 * CALL_SIZE
+    entries: list = []
+    for n in range(size):
+        if n in (0, DECODE_SLICE - 1, DECODE_SLICE, size - 1):
+            entries.append(b"not json")
+        else:
+            when = 1_700_000_000_000 + n
+            entries.append(event(f"e{n % 80}", "in_progress", when, project=f"org/r{n % 7}"))
+    ids = await publish(redis_client, STREAM, entries)
+    await project(redis_url, redis_client, [], redis_batch_size=size)
+    dead = await redis_client.xrange(f"{STREAM}:dead-letter")
+    invalid = [ids[n] for n, entry in enumerate(entries) if isinstance(entry, bytes)]
+    assert [fields[b"sourceId"].decode() for _, fields in dead] == invalid
+    valid = [entry for entry in entries if isinstance(entry, dict)]
+    expected = expected_projection(valid)
+    state = await projection(redis_client, expected)
+    assert {k: v["eventId"] for k, v in state.items()} == {
+        k: v["eventId"] for k, v in expected.items()
+    }
+    scores: dict[str, dict[str, float]] = {}
+    for data in valid:  # ZADD GT: every project an execution was in, its greatest time there
+        index = scores.setdefault(f"task-tracking:project:{data['project']}:executions", {})
+        index[data["executionId"]] = max(index.get(data["executionId"], 0), data["occurredAt"])
+    for key, members in scores.items():
+        assert dict(await redis_client.zrange(key, 0, -1, withscores=True)) == {
+            member.encode(): score for member, score in members.items()
+        }
