@@ -17,6 +17,7 @@ rules (README, "Guarantees"):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -38,6 +39,10 @@ BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Everything buffered is flushed when the buffers together hold this many event bytes
 # (about twice that in memory).
 MAX_BUFFERED_BYTES = 32 * 1024 * 1024
+# Buffers written at once when several fall due together (as the age limit makes many
+# projects' buffers do): a PUT to S3 takes tens of milliseconds, one after another they
+# add up. Each buffer's own objects still go one after another, in stream order.
+UPLOADS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -167,16 +172,32 @@ class S3TaskHistoryArchiver:
         return len(self._buffered_ids)
 
     async def flush(self, *, force: bool) -> list[str]:
-        """Write every due batch (all of them with force); return the IDs now durable."""
+        """Write every due batch (all of them with force); return the IDs now durable.
+
+        Due batches are written `UPLOADS_IN_FLIGHT` at a time; when one fails, the others
+        finish first (what they wrote is handed back at the next flush) and the first
+        failure is raised."""
         force = force or self._buffered_bytes >= MAX_BUFFERED_BYTES
         now = time.monotonic()
-        for key, batch in sorted(self._batches.items()):
+        due: list[tuple[ArchiveBatch, bool]] = []
+        for batch in self._batches.values():
             aged = now - batch.started >= self.policy.max_age_seconds
             if force or aged or self._full(batch):
                 # A batch over its limits writes its full objects and keeps the rest.
-                await self._write(batch, complete=force or aged)
-                if not batch.events:
-                    del self._batches[key]
+                due.append((batch, force or aged))
+        slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+
+        async def write(batch: ArchiveBatch, complete: bool) -> None:
+            async with slots:
+                await self._write(batch, complete=complete)
+
+        outcomes = await asyncio.gather(*(write(*each) for each in due), return_exceptions=True)
+        for batch, _ in due:
+            if not batch.events:
+                del self._batches[batch.project, batch.day]
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         done, self._done = self._done, []
         return done
 

@@ -6,11 +6,21 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from sidecar.archive_switch import ArchiveTarget
-from sidecar.archiver import FlushPolicy
+from sidecar.archiver import (
+    UPLOADS_IN_FLIGHT,
+    ArchiveIntegrityError,
+    FlushPolicy,
+    S3TaskHistoryArchiver,
+    object_key,
+)
+from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
+from sidecar.metrics import Metrics
 from sidecar.replay import replay_archive
+from sidecar.sinks import S3Sink, s3_client_context
 from tests.conftest import MotoServer
 from tests.helpers import (
     ARCHIVER,
@@ -204,3 +214,61 @@ async def test_replay_rebuilds_the_same_projection(
     # idempotent: a second replay changes nothing
     again = await replay_archive(sidecar_settings(redis_url, **settings), project="org1/repo-1")
     assert again.applied == 0 and again.events > 0
+
+
+class _CountingSink:
+    """The real S3 sink, counting how many writes are out at once."""
+
+    def __init__(self, sink: S3Sink) -> None:
+        self.sink = sink
+        self.description = sink.description
+        self.out = 0
+        self.most_out = 0
+
+    async def create_if_absent(self, key: str, body: bytes) -> bool:
+        self.out += 1
+        self.most_out = max(self.most_out, self.out)
+        try:
+            return await self.sink.create_if_absent(key, body)
+        finally:
+            self.out -= 1
+
+    async def read(self, key: str) -> bytes:
+        return await self.sink.read(key)
+
+
+async def test_due_buffers_upload_side_by_side_and_one_failing_lets_the_others_finish(
+    s3: MotoServer,
+) -> None:
+    s3.client().create_bucket(Bucket="archive")
+    events = mixed_events(8 * 20, projects=8, days=1)
+    decoded = [
+        decode_entry(f"{T0 + n}-0", {EVENT_FIELD: data}) for n, data in enumerate(raw(events))
+    ]
+    valid = [entry for entry in decoded if isinstance(entry, ValidEvent)]
+    assert len(valid) == len(events)
+    # A foreign object where org5's first object goes: a real integrity failure.
+    first_of_org5 = next(entry for entry in valid if entry.project == "org5/repo-5")
+    blocked = object_key(
+        "task-tracking", "org5/repo-5", "2026-03-15", STREAM, first_of_org5.entry_id
+    )
+    s3.client().put_object(Bucket="archive", Key=blocked, Body=b"someone else's\n")
+    async with s3_client_context(region="us-east-1", endpoint_url=s3.url) as client:
+        sink = _CountingSink(S3Sink(client, "archive"))
+        archiver = S3TaskHistoryArchiver(
+            sink,  # type: ignore[arg-type]
+            Metrics(),
+            stream=STREAM,
+            prefix="task-tracking",
+            policy=FlushPolicy(),
+        )
+        archiver.add(valid)
+        with pytest.raises(ArchiveIntegrityError):
+            await archiver.flush(force=True)
+        assert sink.most_out == UPLOADS_IN_FLIGHT  # 8 buffers due, 4 written at a time
+        written = archive_objects_s3(s3.client(), "archive")
+        assert len(written) == 1 + 7  # the foreign object; the 7 others finished
+        s3.client().delete_object(Bucket="archive", Key=blocked)
+        done = await archiver.flush(force=True)  # the retry writes org5, hands back all
+    assert sorted(done) == sorted(entry.entry_id for entry in valid)
+    check_exactly_once(archive_objects_s3(s3.client(), "archive"), raw(events))
