@@ -219,9 +219,9 @@ class ConsumerGroupRunner:
                 await asyncio.gather(ahead, return_exceptions=True)
 
     async def _read_batch(self) -> Batch:
-        """Read and decode a batch, giving way to the loop every `DECODE_SLICE` entries:
-        read ahead, the decoding would otherwise hold the loop for milliseconds while
-        the server, its queue of script calls run dry, waits for the next one."""
+        """Read and decode a batch, giving way to the loop every `DECODE_SLICE` entries: a
+        batch read ahead would otherwise hold the loop for milliseconds of decoding, during
+        which no script call goes out and the server's queue of them runs dry."""
         entries = await self._read_new()
         batch = self._decode(entries[:DECODE_SLICE])
         for start in range(DECODE_SLICE, len(entries), DECODE_SLICE):
