@@ -7,8 +7,11 @@ import random
 import orjson
 import redis.asyncio as aioredis
 
+from sidecar.connections import connect
 from sidecar.consumer import DECODE_SLICE
-from sidecar.projector import CALL_SIZE
+from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
+from sidecar.metrics import Metrics
+from sidecar.projector import CALL_SIZE, RedisTaskStatusProjector
 from tests.helpers import (
     PROJECTOR,
     STREAM,
@@ -178,3 +181,48 @@ async def test_a_batch_of_several_decode_slices_and_calls_keeps_order_and_indexe
         assert dict(await redis_client.zrange(key, 0, -1, withscores=True)) == {
             member.encode(): score for member, score in members.items()
         }
+
+
+async def test_a_backlog_batch_leaves_its_last_calls_out_and_a_later_flush_hands_them_back(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # Flushing a batch of several calls returns once they are sent: the entries of calls
+    # still out come back from a later flush, each exactly once; executions recur across
+    # batches, and state and applied count are those of applying one event at a time.
+    rng = random.Random(3)
+    data = [
+        event(
+            f"x{rng.randrange(150)}",
+            rng.choice(["in_progress", "success", "error"]),
+            1_700_000_000_000 + rng.randrange(40),
+            project=f"o/r{rng.randrange(3)}",
+        )
+        for _ in range(1200)
+    ]
+    events = []
+    for n, item in enumerate(data):
+        decoded = decode_entry(f"{n + 1}-0", {EVENT_FIELD: orjson.dumps(item)})
+        assert isinstance(decoded, ValidEvent)
+        events.append(decoded)
+    client = connect(redis_url)
+    metrics = Metrics()
+    projector = RedisTaskStatusProjector(client, metrics, group=PROJECTOR)
+    handed_back: list[str] = []
+    for start in range(0, len(events), 300):
+        projector.add(events[start : start + 300])
+        ids = await projector.flush(force=False)
+        assert len(ids) < start + 300 - len(handed_back)  # its last call is still out
+        handed_back += ids
+    handed_back += await projector.flush(force=False)  # nothing new: the rest
+    assert projector.seconds_until_due() is None
+    assert sorted(handed_back) == sorted(event.entry_id for event in events)
+    applied = metrics.registry.get_sample_value(
+        "task_tracking_events_applied_total", {"group": PROJECTOR}
+    )
+    executions = sorted({item["executionId"] for item in data})
+    streamed = await projection(redis_client, executions)
+    await redis_client.flushall()
+    one_by_one = sum([await projector.apply([event]) for event in events])
+    assert await projection(redis_client, executions) == streamed
+    assert applied == one_by_one
+    await client.aclose()
