@@ -29,7 +29,7 @@ from operator import attrgetter
 from typing import NamedTuple
 
 from sidecar.consumer import WorkerError
-from sidecar.events import InvalidEntry, ValidEvent
+from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError
 
@@ -107,11 +107,6 @@ def object_key(prefix: str, project: str, day: str, stream: str, first_entry_id:
         digest, digit = divmod(digest, 36)
         suffix += BASE36[digit]
     return f"{prefix}/{project}/{day}/events-{millis:013d}-{suffix}.jsonl"
-
-
-def stream_order(entry_id: str) -> tuple[int, int]:
-    millis, _, sequence = entry_id.partition("-")
-    return int(millis), int(sequence or 0)
 
 
 class S3TaskHistoryArchiver:

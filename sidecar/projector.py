@@ -6,9 +6,10 @@ then `ZADD ... GT` to each index. On a standalone server the script runs once pe
 `CALL_SIZE` executions, with the index entries of those executions, each call
 sent as soon as it is built so that Redis runs one while Python builds the next
 (and decodes the batch read ahead); the last calls of a backlog's batch run while
-the runner builds the next batch (see `RedisTaskStatusProjector`). On Redis Cluster a batch is one pipeline of
-one call per hash slot, so every script stays on a single slot; there an index
-may name an execution a moment before its hash is written (another slot).
+the runner builds the next batch (see `RedisTaskStatusProjector`). On Redis
+Cluster a batch is one pipeline of one call per hash slot, so every script stays
+on a single slot; there an index may name an execution a moment before its hash
+is written (another slot).
 
 Before it goes to Redis a batch is coalesced: of the events of one execution,
 only those that beat every earlier one in the batch could change the
@@ -36,9 +37,15 @@ from dataclasses import dataclass, field
 import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 
-from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent
+from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent, stream_order
 from sidecar.keys import execution_key, project_index_key
 from sidecar.metrics import Metrics, observe_many
 
@@ -140,10 +147,28 @@ def _script_item(run: list[ValidEvent]) -> list[object]:
     return item
 
 
+# Errors that say the server takes no writes now (a read-only replica after a failover,
+# out of memory, ACL, a failing disk…), not that something in the call is wrong: retried
+# like a lost connection, never blamed on an event.
+SERVER_STATE_ERRORS = (ReadOnlyError, OutOfMemoryError, NoPermissionError)
+SERVER_STATE_CODES = ("MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
+
+
+def _refused(error: BaseException) -> bool:
+    """Did Redis refuse the call for something in it (a key of another type, say)?"""
+    return (
+        isinstance(error, ResponseError)
+        and not isinstance(error, SERVER_STATE_ERRORS)
+        and not str(error).startswith(SERVER_STATE_CODES)
+    )
+
+
 def _lost(sent: _Sent) -> bool:
-    """Did the call fail other than by Redis refusing it (a lost connection, say)?"""
+    """Did a finished call fail other than by Redis refusing it (a lost connection, say)?"""
+    if not sent.task.done():
+        return False
     error = sent.task.exception()
-    return error is not None and not isinstance(error, ResponseError)
+    return error is not None and not _refused(error)
 
 
 @dataclass
@@ -196,7 +221,7 @@ def calls_in_chunks(
 ) -> Iterator[_ScriptCall]:
     """A batch's calls on a standalone server, built lazily: `CALL_SIZE` executions each,
     with the index entries of every event of those executions (so an index never names an
-    execution before its hash is written, and no call waits for another)."""
+    execution before its hash is written, without waiting for the batch's other calls)."""
     execution_ids = list(runs)
     chunks = [execution_ids[n : n + CALL_SIZE] for n in range(0, len(runs), CALL_SIZE)]
     chunk_of = {execution_id: n for n, chunk in enumerate(chunks) for execution_id in chunk}
@@ -262,7 +287,7 @@ class RedisTaskStatusProjector:
         self._buffer: list[ValidEvent] = []
         self._rejected: list[InvalidEntry] = []
         self._out: list[_Sent] = []  # standalone: calls sent and not yet settled, in order
-        self._holding: dict[str, asyncio.Task[int]] = {}  # execution -> its call out
+        self._holding: dict[str, _Sent] = {}  # execution -> the unsettled call that holds it
         self._settled: list[str] = []  # durable, handed back at the next flush
 
     async def prepare(self) -> None:
@@ -285,63 +310,79 @@ class RedisTaskStatusProjector:
         calls = await self._send(events) if events else 0
         if (force or calls <= 1) and self._out:  # finish: no backlog to overlap with
             await asyncio.wait([sent.task for sent in self._out])
-        return await self._settle()
+        if (loss := await self._settle_finished()) is not None:
+            # every call out finishes first: none is left running behind the retry
+            if self._out:
+                await asyncio.wait([sent.task for sent in self._out])
+                await self._settle_finished()
+            raise loss  # the runner retries; what was settled is handed back then
+        settled, self._settled = self._settled, []
+        return settled
 
     async def _send(self, events: list[ValidEvent]) -> int:
         """Send a batch's calls, at most `MAX_IN_FLIGHT` out at once (each holds a pooled
-        connection); returns how many. Never raises for a call: `_settle` sees to it."""
+        connection); returns how many. A call whose execution an earlier call still
+        holds waits for that call to be settled. After a lost call, or if this is
+        cancelled, the events of the calls not sent go back to the buffer."""
+        calls = calls_in_chunks(coalesce(events), events)
         count = 0
-        for call in calls_in_chunks(coalesce(events), events):
-            # an execution held by a call still out (of an earlier batch) waits for it
-            earlier = {
-                task
-                for execution_id in call.execution_ids
-                if (task := self._holding.get(execution_id)) is not None and not task.done()
-            }
-            if earlier:
-                await asyncio.wait(earlier)
-            out = [sent.task for sent in self._out if not sent.task.done()]
-            if len(out) >= MAX_IN_FLIGHT:
-                await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.ensure_future(self._run(call))
-            self._out.append(_Sent(call, task))
-            for execution_id in call.execution_ids:
-                self._holding[execution_id] = task
-            count += 1
-            await asyncio.sleep(0)  # let it go out now
+        call: _ScriptCall | None = None
+        try:
+            for call in calls:
+                holders = [
+                    sent
+                    for execution_id in call.execution_ids
+                    if (sent := self._holding.get(execution_id)) is not None
+                ]
+                if holders:
+                    await asyncio.wait({sent.task for sent in holders})
+                    if await self._settle_finished() is not None:
+                        break
+                out = [sent.task for sent in self._out if not sent.task.done()]
+                if len(out) >= MAX_IN_FLIGHT:
+                    await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
+                if any(_lost(sent) for sent in self._out):
+                    break
+                sent = _Sent(call, asyncio.ensure_future(self._run(call)))
+                self._out.append(sent)
+                for execution_id in call.execution_ids:
+                    self._holding[execution_id] = sent
+                count += 1
+                call = None
+                await asyncio.sleep(0)  # let it go out now
+        finally:
+            unsent = [] if call is None else call.events
+            self._put_back(unsent + [event for rest in calls for event in rest.events])
         return count
 
-    async def _settle(self) -> list[str]:
-        """Hand back the entries of the calls finished so far. A call Redis refused is
-        applied again one event at a time; when a call failed otherwise (a lost
-        connection), every call out finishes first, the failed ones' events go back to
-        the buffer (applied again, an event is a no-op) and the failure is raised."""
-        finished = [sent for sent in self._out if sent.task.done()]
-        if any(_lost(sent) for sent in finished) and len(finished) < len(self._out):
-            await asyncio.wait([sent.task for sent in self._out])
-            finished = list(self._out)
-        self._out = [sent for sent in self._out if not sent.task.done()]
-        failure: BaseException | None = None
-        for sent in finished:
-            for execution_id in sent.call.execution_ids:
-                if self._holding.get(execution_id) is sent.task:
-                    del self._holding[execution_id]
+    def _put_back(self, events: list[ValidEvent]) -> None:
+        """Return events to the buffer (to be sent again), keeping it in stream order."""
+        if events:
+            self._buffer = sorted(self._buffer + events, key=lambda e: stream_order(e.entry_id))
+
+    async def _settle_finished(self) -> BaseException | None:
+        """Settle the finished calls in the order they were sent: count them and queue
+        their entries for acknowledgement. A call Redis refused is applied again one
+        event at a time (handing back the events Redis refuses, so one event cannot
+        block the group); a lost call's events go back to the buffer. Returns the first
+        loss. If this raises, the calls not yet settled stay out, settled next time."""
+        loss: BaseException | None = None
+        for sent in [sent for sent in self._out if sent.task.done()]:
             error = sent.task.exception()
             if error is None:
                 self._record(sent.call.events, sent.task.result())
-            elif isinstance(error, ResponseError):
-                # Redis refused the call (a key of another type, say): one event at a time,
-                # handing back those Redis refuses, so one event cannot block the group.
+            elif _refused(error):
                 log.warning("batch refused by Redis (%s); applying its events one by one", error)
                 applied, accepted = await self._apply_one_by_one(sent.call.events)
                 self._record(accepted, applied)
             else:
-                failure = failure or error
-                self._buffer[:0] = sent.call.events
-        if failure is not None:
-            raise failure  # the runner retries; what was settled is handed back then
-        settled, self._settled = self._settled, []
-        return settled
+                loss = loss or error
+                self._put_back(sent.call.events)
+            self._out.remove(sent)
+            for execution_id in sent.call.execution_ids:
+                if self._holding.get(execution_id) is sent:
+                    del self._holding[execution_id]
+        return loss
 
     async def _flush_pipelined(self) -> list[str]:
         """Redis Cluster: the whole buffer as one pipeline, finished before returning."""
@@ -351,6 +392,8 @@ class RedisTaskStatusProjector:
         try:
             applied = await self.apply(events)
         except ResponseError as exc:
+            if not _refused(exc):
+                raise
             log.warning("batch refused by Redis (%s); applying its events one by one", exc)
             applied, events = await self._apply_one_by_one(events)
         self._buffer = []
@@ -379,6 +422,8 @@ class RedisTaskStatusProjector:
             try:
                 applied += await self.apply([event])
             except ResponseError as exc:
+                if not _refused(exc):
+                    raise
                 reason = f"Redis refused the projection: {exc}"
                 self._rejected.append(InvalidEntry(event.entry_id, event.raw, reason))
             else:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import orjson
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError
 
-from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT
+from sidecar.connections import connect
+from sidecar.devserver import DevServer, free_port
+from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
+from sidecar.metrics import Metrics
+from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT, RedisTaskStatusProjector
 from tests.helpers import (
     PROJECTOR,
     STREAM,
@@ -60,3 +67,68 @@ async def test_a_refused_event_in_a_batch_of_many_script_calls(
     group = {"group": PROJECTOR}
     assert metrics.get_sample_value("task_tracking_events_applied_total", group) == 2 * count - 2
     assert metrics.get_sample_value("task_tracking_events_stale_total", group) == 0
+
+
+def _decoded(items: list[dict], first: int = 1) -> list[ValidEvent]:
+    events = []
+    for n, item in enumerate(items, first):
+        decoded = decode_entry(f"{n}-0", {EVENT_FIELD: orjson.dumps(item)})
+        assert isinstance(decoded, ValidEvent)
+        events.append(decoded)
+    return events
+
+
+async def test_a_refused_call_left_out_is_settled_before_a_later_batch_touches_its_executions(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # Batch 1 takes two calls; the first, refused (the clash), is still out when the
+    # flush returns. Batch 2 holds a later event of an execution of that call: it waits
+    # until the refused call was applied again event by event, so the counts are those
+    # of one event at a time in stream order (both of X's events took effect).
+    await redis_client.set("task-tracking:execution:clash", "not a hash")
+    first = [event("clash", "in_progress"), event("x", "in_progress", 1000)]
+    first += [event(f"e{n}", "in_progress") for n in range(CALL_SIZE + 10)]
+    batch1 = _decoded(first)
+    batch2 = _decoded([event("x", "success", 2000)], first=len(batch1) + 1)
+    client = connect(redis_url)
+    metrics = Metrics()
+    projector = RedisTaskStatusProjector(client, metrics, group=PROJECTOR)
+    projector.add(batch1)
+    handed_back = await projector.flush(force=False)
+    projector.add(batch2)
+    handed_back += await projector.flush(force=False)
+    handed_back += await projector.flush(force=False)
+    await client.aclose()
+    assert [entry.entry_id for entry in projector.take_rejected()] == [batch1[0].entry_id]
+    assert sorted(handed_back) == sorted(e.entry_id for e in batch1[1:] + batch2)
+    group = {"group": PROJECTOR}
+    assert metrics.registry.get_sample_value("task_tracking_events_applied_total", group) == (
+        len(batch1) - 1 + 1
+    )
+    assert (await projection(redis_client, ["x"]))["x"]["status"] == "success"
+
+
+async def test_a_read_only_server_blames_no_event_and_the_batch_is_retried(
+    persistent_server: DevServer,
+) -> None:
+    # After a failover the sidecar may still talk to what is now a replica: READONLY is
+    # the server's state, not the events' fault. Nothing is dead-lettered; the flush
+    # raises (the runner retries with backoff) and succeeds once the server takes writes.
+    admin = aioredis.Redis.from_url(persistent_server.url)
+    events = _decoded([event(f"r{n}", "success") for n in range(CALL_SIZE * 2 + 5)])
+    client = connect(persistent_server.url)
+    projector = RedisTaskStatusProjector(client, Metrics(), group=PROJECTOR)
+    try:
+        await admin.replicaof("127.0.0.1", str(free_port()))  # a master that never answers
+        projector.add(events)
+        with pytest.raises(ReadOnlyError):
+            await projector.flush(force=True)
+        assert projector.take_rejected() == []
+        await admin.replicaof("NO", "ONE")
+        handed_back = await projector.flush(force=True)
+        assert sorted(handed_back) == sorted(e.entry_id for e in events)
+        state = await projection(admin, [f"r{n}" for n in range(len(events))])
+        assert {fields["status"] for fields in state.values()} == {"success"}
+    finally:
+        await client.aclose()
+        await admin.aclose()
