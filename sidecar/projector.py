@@ -289,6 +289,7 @@ class RedisTaskStatusProjector:
         self._out: list[_Sent] = []  # standalone: calls sent and not yet settled, in order
         self._holding: dict[str, _Sent] = {}  # execution -> the unsettled call that holds it
         self._settled: list[str] = []  # durable, handed back at the next flush
+        self._loss: BaseException | None = None  # a call's failure, for the flush to raise
 
     async def prepare(self) -> None:
         pass
@@ -306,15 +307,21 @@ class RedisTaskStatusProjector:
     async def flush(self, *, force: bool) -> list[str]:
         if isinstance(self.redis, RedisCluster):
             return await self._flush_pipelined()
+        # Calls of earlier flushes that finished: a lost one's events join this batch,
+        # sent again now (after a Redis outage, with no failure raised a second time).
+        await self._settle_finished()
+        self._loss = None
         events, self._buffer = self._buffer, []
         calls = await self._send(events) if events else 0
         if (force or calls <= 1) and self._out:  # finish: no backlog to overlap with
             await asyncio.wait([sent.task for sent in self._out])
-        if (loss := await self._settle_finished()) is not None:
+        await self._settle_finished()
+        if self._loss is not None:
             # every call out finishes first: none is left running behind the retry
             if self._out:
                 await asyncio.wait([sent.task for sent in self._out])
                 await self._settle_finished()
+            loss, self._loss = self._loss, None
             raise loss  # the runner retries; what was settled is handed back then
         settled, self._settled = self._settled, []
         return settled
@@ -336,12 +343,11 @@ class RedisTaskStatusProjector:
                 ]
                 if holders:
                     await asyncio.wait({sent.task for sent in holders})
-                    if await self._settle_finished() is not None:
-                        break
+                    await self._settle_finished()
                 out = [sent.task for sent in self._out if not sent.task.done()]
                 if len(out) >= MAX_IN_FLIGHT:
                     await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
-                if any(_lost(sent) for sent in self._out):
+                if self._loss is not None or any(_lost(sent) for sent in self._out):
                     break
                 sent = _Sent(call, asyncio.ensure_future(self._run(call)))
                 self._out.append(sent)
@@ -360,13 +366,13 @@ class RedisTaskStatusProjector:
         if events:
             self._buffer = sorted(self._buffer + events, key=lambda e: stream_order(e.entry_id))
 
-    async def _settle_finished(self) -> BaseException | None:
+    async def _settle_finished(self) -> None:
         """Settle the finished calls in the order they were sent: count them and queue
         their entries for acknowledgement. A call Redis refused is applied again one
         event at a time (handing back the events Redis refuses, so one event cannot
-        block the group); a lost call's events go back to the buffer. Returns the first
-        loss. If this raises, the calls not yet settled stay out, settled next time."""
-        loss: BaseException | None = None
+        block the group); a lost call's events go back to the buffer and its failure is
+        kept for the flush to raise. If this raises, the calls not yet settled stay
+        out, settled next time."""
         for sent in [sent for sent in self._out if sent.task.done()]:
             error = sent.task.exception()
             if error is None:
@@ -376,13 +382,12 @@ class RedisTaskStatusProjector:
                 applied, accepted = await self._apply_one_by_one(sent.call.events)
                 self._record(accepted, applied)
             else:
-                loss = loss or error
+                self._loss = self._loss or error
                 self._put_back(sent.call.events)
             self._out.remove(sent)
             for execution_id in sent.call.execution_ids:
                 if self._holding.get(execution_id) is sent:
                     del self._holding[execution_id]
-        return loss
 
     async def _flush_pipelined(self) -> list[str]:
         """Redis Cluster: the whole buffer as one pipeline, finished before returning."""

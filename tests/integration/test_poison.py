@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 
 from sidecar.connections import connect
@@ -132,3 +133,28 @@ async def test_a_read_only_server_blames_no_event_and_the_batch_is_retried(
     finally:
         await client.aclose()
         await admin.aclose()
+
+
+async def test_calls_lost_with_the_server_keep_their_events_and_the_flush_raises(
+    persistent_server: DevServer,
+) -> None:
+    # The server is gone while a batch of several calls goes out: nothing is handed back,
+    # the flush raises (the runner retries with backoff), the events stay buffered, and
+    # once the server is back the retry hands every one of them back.
+    events = _decoded([event(f"l{n}", "success") for n in range(CALL_SIZE * 3)])
+    client = connect(persistent_server.url)
+    projector = RedisTaskStatusProjector(client, Metrics(), group=PROJECTOR)
+    try:
+        await client.ping()  # connected once, then the server goes
+        persistent_server.stop()
+        projector.add(events)
+        with pytest.raises(RedisConnectionError):
+            await projector.flush(force=True)
+        assert projector.seconds_until_due() == 0.0  # the events wait in the buffer
+        persistent_server.start()
+        handed_back = await projector.flush(force=True)
+        assert sorted(handed_back) == sorted(e.entry_id for e in events)
+        state = await projection(client, [f"l{n}" for n in range(len(events))])
+        assert {fields["status"] for fields in state.values()} == {"success"}
+    finally:
+        await client.aclose()
