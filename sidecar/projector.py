@@ -171,6 +171,11 @@ def _lost(sent: _Sent) -> bool:
     return error is not None and not _refused(error)
 
 
+def _mark_retrieved(task: asyncio.Task[int]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass
 class _ScriptCall:
     """The keys and arguments of one EVALSHA."""
@@ -350,6 +355,9 @@ class RedisTaskStatusProjector:
                 if self._loss is not None or any(_lost(sent) for sent in self._out):
                     break
                 sent = _Sent(call, asyncio.ensure_future(self._run(call)))
+                # Its failure is read when it is settled; if the runner gives up first
+                # (stopping during an outage), its entries stay pending, nothing to report.
+                sent.task.add_done_callback(_mark_retrieved)
                 self._out.append(sent)
                 for execution_id in call.execution_ids:
                     self._holding[execution_id] = sent

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -158,3 +161,44 @@ async def test_calls_lost_with_the_server_keep_their_events_and_the_flush_raises
         assert {fields["status"] for fields in state.values()} == {"success"}
     finally:
         await client.aclose()
+
+
+async def test_calls_left_out_when_the_projector_is_dropped_report_no_stray_error(
+    persistent_server: DevServer,
+) -> None:
+    # A flush of a backlog batch returns with calls still out. If the server dies then and
+    # the runner gives up (stopping during the outage), those calls fail with nobody left
+    # to settle them: their entries stay pending, and asyncio must not log "Task exception
+    # was never retrieved" for each one at shutdown.
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    admin = aioredis.Redis.from_url(persistent_server.url)
+    client = connect(persistent_server.url)
+    projector = RedisTaskStatusProjector(client, Metrics(), group=PROJECTOR)
+    try:
+        # a script holding the server, so the batch's calls queue behind it
+        busy = asyncio.ensure_future(admin.eval(BUSY_SCRIPT, 0))
+        await asyncio.sleep(0.1)
+        projector.add(_decoded([event(f"d{n}", "success") for n in range(CALL_SIZE * 2)]))
+        assert await projector.flush(force=False) == []  # both calls still out
+        persistent_server.kill()
+        await asyncio.gather(busy, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the calls fail with the connection
+        del projector
+        gc.collect()
+        await asyncio.sleep(0)
+        assert [context["message"] for context in reported] == []
+    finally:
+        loop.set_exception_handler(previous)
+        await client.aclose()
+        await admin.aclose()
+
+
+# Busy for one to two seconds: a script cannot sleep, so it reads the clock until then.
+BUSY_SCRIPT = """
+local start = tonumber(redis.call('TIME')[1])
+while tonumber(redis.call('TIME')[1]) < start + 2 do end
+return 0
+"""
