@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sidecar.events import EventLimits
+
 ENV_PREFIX = "TASK_TRACKING_"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -43,6 +45,12 @@ class Settings(BaseSettings):
     redis_claim_idle_ms: int = Field(60_000, ge=1000)
     # Last-resort cap on the stream length (0 = none); see README "Bounded memory".
     redis_stream_maxlen: int = Field(0, ge=0)
+    # Ingest limits (README "Data contracts"): larger events and events dated further
+    # ahead of their stream entry are dead-lettered.
+    max_event_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_future_seconds: int = Field(86_400, ge=0)
+    # Approximate cap on the dead-letter stream (MAXLEN ~ on each XADD); 0 = unbounded.
+    dead_letter_maxlen: int = Field(100_000, ge=0)
     # While archival is off, the archiver group holds entries in the stream this long at most.
     archive_off_pin_seconds: int = Field(86_400, ge=0)
 
@@ -109,6 +117,10 @@ class Settings(BaseSettings):
                 " set it to a writable directory"
             )
         return self
+
+    @property
+    def event_limits(self) -> EventLimits:
+        return EventLimits(self.max_event_bytes, self.max_future_seconds)
 
     @property
     def dead_letter_key(self) -> str:

@@ -1,16 +1,29 @@
 """The task lifecycle event: its contract, its parsing from a stream entry, its ordering key.
 
-Parsing never raises: `decode_entry` returns either a `ValidEvent` or an
-`InvalidEntry` carrying a one-line reason, which workers dead-letter.
+Parsing never raises: `decode_values` returns either a `ValidEvent` or an
+`InvalidEntry` carrying a one-line reason, which workers dead-letter. The rules
+(DESIGN.md, "What the projector accepts") are written once, here, and every reader
+uses them: the projector, the archiver, `replay` and the publisher.
+
+- Accepted as JavaScript's `JSON.parse` accepts it: surrounding whitespace, JSON over
+  several lines, escaped lone surrogates (what `JSON.stringify` writes for a string cut
+  inside an emoji), lower-case `t`/`z`, URL schemes in any case.
+- Optional fields (`actor`, `prLinks`, `visibility`, `flow`, extras) never make an event
+  invalid: a malformed one is kept as sent and reported as a warning.
+- Refused: an event over the size limit (checked before decoding), identifiers over
+  512 bytes or with control characters, an `occurredAt` too far after its entry was
+  added, integer epoch seconds, and an entry with more than one `event` field.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import (
@@ -34,29 +47,51 @@ OrderingKey = tuple[int, int, str]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)
 
+# eventId, executionId and taskName become Redis keys, log fields and terminal output.
+IDENTIFIERS = ("eventId", "executionId", "taskName")
+IDENTIFIER_MAX_BYTES = 512
+# C0, DEL and C1 controls: a newline or NUL in a key or a log line is never meant.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# An integer occurredAt below this is 1973 in milliseconds, but 5138 in seconds.
+EPOCH_SECONDS_BELOW = 100_000_000_000
+EPOCH_MS_BELOW = 10**14
+# What a dead-letter entry keeps of an event, at most (the rest is cut, its size noted).
+DEAD_LETTER_EVENT_BYTES = 64 * 1024
+JSON_WHITESPACE = b" \t\r\n"
 
-class Actor(BaseModel):
-    """Who triggered the task; display fields beyond `provider` and `id` are kept as sent."""
 
-    model_config = ConfigDict(extra="allow")
+@dataclass(frozen=True, slots=True)
+class EventLimits:
+    """The refusal limits that have settings (`TASK_TRACKING_MAX_EVENT_BYTES`,
+    `TASK_TRACKING_MAX_FUTURE_SECONDS`)."""
 
-    provider: Literal["slack", "github"]
-    id: NonEmpty
+    max_event_bytes: int = 1024 * 1024
+    max_future_seconds: int = 86_400
 
 
-class Visibility(BaseModel):
-    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+DEFAULT_LIMITS = EventLimits()
 
-    responsible_users: list[StrictStr] | None = None
+
+class Oversized(NamedTuple):
+    """An `event` value over the size limit, as the reader hands it over: only a prefix
+    was fetched, and its size (so the sidecar's memory never holds the whole payload)."""
+
+    prefix: bytes
+    size: int
+
+
+EventValue = bytes | Oversized
 
 
 class TaskEvent(BaseModel):
     """One lifecycle event, camelCase on the wire as the Node.js publisher writes it.
 
-    Unknown extra fields are allowed and preserved.
+    The required fields are checked strictly: the projection's correctness rests on them.
+    Optional fields are typed loosely (any JSON): a malformed one is a warning, not an
+    error (`optional_field_warnings`). Unknown extra fields are allowed and preserved.
     """
 
-    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel)
 
     event_id: NonEmpty
     execution_id: NonEmpty
@@ -64,24 +99,24 @@ class TaskEvent(BaseModel):
     status: Status
     project: StrictStr
     occurred_at: StrictStr | StrictInt
-    actor: Actor | None = None
-    pr_links: list[StrictStr] | None = None
-    visibility: Visibility | None = None
-    flow: StrictStr | None = None
+    actor: Any = None  # {"provider": "slack"|"github", "id": str|int, display fields…}
+    pr_links: Any = None  # ["https://github.com/…", …]
+    visibility: Any = None  # {"responsibleUsers": [str, …]}
+    flow: Any = None  # str
+
+    @field_validator("event_id", "execution_id", "task_name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        problem = identifier_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("project")
     @classmethod
     def _project_shape(cls, value: str) -> str:
         if not PROJECT_RE.fullmatch(value):
             raise ValueError("must be owner/repo (GitHub names; repo not '.' or '..')")
-        return value
-
-    @field_validator("pr_links")
-    @classmethod
-    def _urls(cls, value: list[str] | None) -> list[str] | None:
-        for link in value or ():
-            if not link.startswith(("https://", "http://")):
-                raise ValueError(f"{link!r} is not an http(s) URL")
         return value
 
     @field_validator("occurred_at")
@@ -103,14 +138,31 @@ class TaskEvent(BaseModel):
         return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
+def identifier_problem(value: str) -> str | None:
+    """Why a string cannot be an identifier (eventId, executionId, taskName), or None."""
+    if len(value) > IDENTIFIER_MAX_BYTES // 4 and len(value.encode()) > IDENTIFIER_MAX_BYTES:
+        return f"longer than {IDENTIFIER_MAX_BYTES} bytes; identifiers must be short"
+    control = CONTROL_CHARACTER.search(value)
+    if control is not None:
+        code = f"U+{ord(control.group()):04X}"
+        return f"holds a control character ({code}); identifiers must be printable"
+    return None
+
+
 def occurred_at_ms(value: str | int) -> int:
-    """Epoch milliseconds of an `occurredAt`: ISO-8601 with a timezone, or epoch ms."""
+    """Epoch milliseconds of an `occurredAt`: ISO-8601 / RFC 3339 with a timezone, or
+    epoch ms."""
     if isinstance(value, int):
-        if isinstance(value, bool) or not 0 <= value < 10**14:
+        if isinstance(value, bool) or not 0 <= value < EPOCH_MS_BELOW:
             raise ValueError("epoch milliseconds must be a non-negative integer below 10^14")
+        if value < EPOCH_SECONDS_BELOW:
+            raise ValueError(
+                f"{value} looks like epoch seconds; send milliseconds ({value * 1000})"
+            )
         return value
     try:
-        parsed = datetime.fromisoformat(value)
+        # RFC 3339 allows lower-case t and z; Python's parser wants them upper-case
+        parsed = datetime.fromisoformat(value.upper() if "t" in value or "z" in value else value)
     except ValueError:
         raise ValueError("must be ISO-8601 with a timezone or epoch milliseconds") from None
     if parsed.tzinfo is None:
@@ -133,13 +185,16 @@ class ValidEvent:
     (treated as immutable)."""
 
     entry_id: str
-    raw: bytes  # the `event` field exactly as it stood in the stream
+    # The archive line: the `event` field as it stood in the stream, less surrounding
+    # whitespace; an event sent over several lines, re-serialized on one.
+    raw: bytes
     fields: dict[str, Any]  # the decoded top-level JSON object
     event_id: str
     execution_id: str
     project: str
     status: str
     occurred_at_ms: int
+    warnings: tuple[str, ...] = ()  # optional fields kept as sent although malformed
 
     @property
     def ordering_key(self) -> OrderingKey:
@@ -151,17 +206,28 @@ class InvalidEntry:
     """A stream entry that cannot be processed, and why."""
 
     entry_id: str
-    raw: bytes | None  # the `event` field if the entry had one
+    raw: bytes | None  # the `event` field if the entry had one (at most a prefix of it)
     reason: str
+    more: tuple[bytes, ...] = ()  # further `event` values of the same entry
+    size: int | None = None  # the size of `raw` as sent, when only a prefix is kept
+
+    def dead_letter_fields(self) -> list[bytes | str | int]:
+        """The dead-letter entry's fields except `group`: each `event` value as received,
+        bounded in size (`DEAD_LETTER_EVENT_BYTES`, the original size in `eventBytes`)."""
+        fields: list[bytes | str | int] = []
+        size = self.size
+        for value in (self.raw, *self.more) if self.raw is not None else ():
+            if len(value) > DEAD_LETTER_EVENT_BYTES:
+                size = max(size or 0, len(value))
+                value = value[:DEAD_LETTER_EVENT_BYTES]
+            fields += ["event", value]
+        if size is not None:
+            fields += ["eventBytes", size]
+        return [*fields, "error", self.reason, "sourceId", self.entry_id]
 
 
 # The facts workers need from a valid event: eventId, executionId, project, status, occurredAt ms.
 EventFacts = tuple[str, str, str, str, int]
-
-# Python names of aliased fields: with `populate_by_name` the model accepts these too, and
-# which of two spellings wins is the model's business, so the fast path leaves them to it.
-_FIELD_NAMES = frozenset({"event_id", "execution_id", "task_name", "occurred_at", "pr_links"})
-_URL_SCHEMES = ("https://", "http://")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -170,30 +236,134 @@ def _is_project(name: str) -> bool:
     return PROJECT_RE.fullmatch(name) is not None
 
 
-def decode_entry(entry_id: str, fields: dict[bytes, bytes]) -> ValidEvent | InvalidEntry:
-    """Decode one stream entry. Never raises: problems come back as `InvalidEntry`."""
-    raw = fields.get(EVENT_FIELD)
-    if raw is None:
+def decode_entry(
+    entry_id: str, fields: Mapping[bytes, EventValue], limits: EventLimits = DEFAULT_LIMITS
+) -> ValidEvent | InvalidEntry:
+    """`decode_values` for an entry given as a field mapping (one value per field)."""
+    value = fields.get(EVENT_FIELD)
+    return decode_values(entry_id, [] if value is None else [value], limits)
+
+
+def decode_values(
+    entry_id: str,
+    values: Sequence[EventValue],
+    limits: EventLimits = DEFAULT_LIMITS,
+    *,
+    added_ms: int | None = None,
+) -> ValidEvent | InvalidEntry:
+    """Decode one stream entry from its `event` values (every one, in order). Never raises.
+
+    `added_ms`: when the entry was added, for the future limit; by default the time in
+    its stream ID."""
+    if not values:
         return InvalidEntry(entry_id, None, "entry has no 'event' field")
-    if 10 in raw or 13 in raw:  # b"\n", b"\r" (an int is found by memchr, 10x faster)
-        # An archive line holds one event as it stood in the stream.
-        return InvalidEntry(entry_id, raw, "event JSON must be on one line (no raw line breaks)")
+    first = values[0]
+    if len(values) > 1:
+        return _several_values(entry_id, values)
+    if isinstance(first, Oversized) or len(first) > limits.max_event_bytes:
+        size = first.size if isinstance(first, Oversized) else len(first)
+        prefix = first.prefix if isinstance(first, Oversized) else first
+        return InvalidEntry(
+            entry_id,
+            prefix[:DEAD_LETTER_EVENT_BYTES],
+            f"event is {size} bytes, over the {limits.max_event_bytes} byte limit"
+            " (TASK_TRACKING_MAX_EVENT_BYTES): send large data by reference, not in the event",
+            size=size,
+        )
+    raw = first.strip(JSON_WHITESPACE)
+    lossy = False  # lone surrogates read as U+FFFD
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return InvalidEntry(entry_id, raw, f"event is not JSON: {exc}")
+        data = _parse_with_lone_surrogates(raw)
+        if data is None:
+            return InvalidEntry(entry_id, first, f"event is not JSON: {exc}")
+        lossy = True
     if not isinstance(data, dict):
         return InvalidEntry(
-            entry_id, raw, f"event must be a JSON object, got {type(data).__name__}"
+            entry_id, first, f"event must be a JSON object, got {type(data).__name__}"
         )
+    if lossy:  # two identifiers must not become one key
+        for name in ("eventId", "executionId"):
+            if "\ufffd" in str(data.get(name, "")):
+                reason = f"{name}: holds a lone surrogate (a string cut inside a character)"
+                return InvalidEntry(entry_id, first, reason)
     facts = quick_event_facts(data)
     if facts is None:
         checked = model_event_facts(data)
         if isinstance(checked, str):
-            return InvalidEntry(entry_id, raw, checked)
+            return InvalidEntry(entry_id, first, checked)
         facts = checked
+    if added_ms is None:
+        added_ms = _entry_ms(entry_id)
+    future = facts[4] - added_ms if added_ms is not None else 0
+    if future > limits.max_future_seconds * 1000:
+        return InvalidEntry(
+            entry_id,
+            first,
+            f"occurredAt: {data['occurredAt']!r} is {future // 3_600_000} h after the entry"
+            " was added, over the"
+            f" {limits.max_future_seconds} s limit (TASK_TRACKING_MAX_FUTURE_SECONDS):"
+            " check the publisher's clock",
+        )
+    if 10 in raw or 13 in raw:  # b"\n", b"\r" (an int is found by memchr)
+        raw = _one_line(raw)  # an archive line holds one event
+    warnings = optional_field_warnings(data)
     # positional: EventFacts is (event_id, execution_id, project, status, occurred_at_ms)
-    return ValidEvent(entry_id, raw, data, *facts)
+    return ValidEvent(entry_id, raw, data, *facts, warnings)
+
+
+def _several_values(entry_id: str, values: Sequence[EventValue]) -> InvalidEntry:
+    """An entry with the `event` field more than once: every value goes to the dead-letter
+    stream (projecting one would lose the other)."""
+    kept = [value.prefix if isinstance(value, Oversized) else value for value in values]
+    sizes = [value.size for value in values if isinstance(value, Oversized)]
+    return InvalidEntry(
+        entry_id,
+        kept[0],
+        f"entry has {len(values)} 'event' fields; publish one event per entry"
+        " (every value is kept here)",
+        more=tuple(kept[1:]),
+        size=max(sizes) if sizes else None,
+    )
+
+
+def _entry_ms(entry_id: str) -> int | None:
+    millis = entry_id.partition("-")[0]
+    return int(millis) if millis.isdigit() else None
+
+
+# An escaped backslash (kept), an escaped surrogate pair (kept), or a lone surrogate escape.
+_ESCAPE = re.compile(
+    rb"\\(?:\\|[uU][dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|(u[dD][89a-fA-F][0-9a-fA-F]{2}))"
+)
+
+
+def _parse_with_lone_surrogates(raw: bytes) -> Any:
+    """The event with each escaped lone surrogate read as U+FFFD (as Node's Buffer encodes
+    one for Redis), or None if that is not the problem. orjson refuses them; `JSON.parse`
+    does not. The archive keeps the escape as it was sent."""
+    if b"\\u" not in raw:
+        return None
+    replaced = _ESCAPE.sub(lambda m: b"\\ufffd" if m.group(1) else m.group(0), raw)
+    if replaced == raw:
+        return None
+    try:
+        return orjson.loads(replaced)
+    except orjson.JSONDecodeError:
+        return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _one_line(raw: bytes) -> bytes:
+    """The compact one-line form of JSON sent over several lines (the only archive line
+    whose bytes differ from the stream's): the standard library keeps large integers and
+    lone surrogates (written back as escapes) exactly."""
+    text = json.dumps(json.loads(raw), ensure_ascii=False, separators=(",", ":"))
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 def model_event_facts(data: dict[str, Any]) -> EventFacts | str:
@@ -208,6 +378,15 @@ def model_event_facts(data: dict[str, Any]) -> EventFacts | str:
     return (event.event_id, event.execution_id, event.project, event.status, event.occurred_at_ms)
 
 
+def _short_identifier(value: object) -> bool:
+    """A non-empty string that passes `identifier_problem`, cheaply for the common case."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= IDENTIFIER_MAX_BYTES // 4
+        and CONTROL_CHARACTER.search(value) is None
+    )
+
+
 def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
     """The facts of an event in the common, plainly valid shape, without pydantic (which
     cost more than the rest of the projector's per-event work); None when the event is
@@ -215,58 +394,63 @@ def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
     event it accepts (tests/unit/test_event_fast_path.py)."""
     event_id = data.get("eventId")
     execution_id = data.get("executionId")
-    task_name = data.get("taskName")
     status = data.get("status")
     project = data.get("project")
     occurred_at = data.get("occurredAt")
     if not (
-        type(event_id) is str
-        and event_id
-        and type(execution_id) is str
-        and execution_id
-        and type(task_name) is str
-        and task_name
+        _short_identifier(event_id)
+        and _short_identifier(execution_id)
+        and _short_identifier(data.get("taskName"))
         and type(status) is str
         and status in STATUS_RANK
         and type(project) is str
         and _is_project(project)
         and (type(occurred_at) is int or type(occurred_at) is str)
-        and _FIELD_NAMES.isdisjoint(data)
     ):
         return None
     try:
         occurred_ms = occurred_at_ms(occurred_at)
     except ValueError:
         return None
+    return (event_id, execution_id, project, status, occurred_ms)  # type: ignore[return-value]
+
+
+_URL_SCHEMES = ("https://", "http://")
+
+
+def optional_field_warnings(data: dict[str, Any]) -> tuple[str, ...]:
+    """The optional fields present in a shape other than the contract's (kept as sent;
+    counted in `task_tracking_event_warnings_total{field}`)."""
+    warnings: list[str] = []
     actor = data.get("actor")
     if actor is not None and not (
         type(actor) is dict
         and actor.get("provider") in ("slack", "github")
         and type(actor.get("provider")) is str
-        and type(actor.get("id")) is str
-        and actor["id"]
+        and (
+            (type(actor.get("id")) is str and actor["id"])
+            or type(actor.get("id")) is int  # GitHub's numeric user id
+        )
     ):
-        return None
+        warnings.append("actor")
     links = data.get("prLinks")
-    if links is not None:
-        if type(links) is not list:
-            return None
-        for link in links:
-            if type(link) is not str or not link.startswith(_URL_SCHEMES):
-                return None
+    if links is not None and not (
+        type(links) is list
+        and all(type(link) is str and link[:8].lower().startswith(_URL_SCHEMES) for link in links)
+    ):
+        warnings.append("prLinks")
     visibility = data.get("visibility")
     if visibility is not None:
-        if type(visibility) is not dict or "responsible_users" in visibility:
-            return None
-        users = visibility.get("responsibleUsers")
-        if users is not None and not (
-            type(users) is list and all(type(user) is str for user in users)
+        users = visibility.get("responsibleUsers") if type(visibility) is dict else ()
+        if not (
+            type(visibility) is dict
+            and (users is None or (type(users) is list and all(type(u) is str for u in users)))
         ):
-            return None
+            warnings.append("visibility")
     flow = data.get("flow")
     if flow is not None and type(flow) is not str:
-        return None
-    return (event_id, execution_id, project, status, occurred_ms)
+        warnings.append("flow")
+    return tuple(warnings)
 
 
 def describe_event_error(exc: ValidationError) -> str:

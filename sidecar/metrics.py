@@ -96,6 +96,11 @@ class Metrics:
             "Invalid entries acknowledged without effect (archiver group).",
             ("group",),
         )
+        self.event_warnings = counter(
+            "task_tracking_event_warnings",
+            "Valid events with a malformed optional field, kept as sent, by field.",
+            ("field",),
+        )
         self.claimed = counter(
             "task_tracking_entries_claimed",
             "Pending entries claimed from consumers taken for dead.",

@@ -25,6 +25,8 @@ from tests.helpers import (
     wait_for,
 )
 
+T0 = 1_700_000_000_000
+
 
 async def read_without_ack(client: aioredis.Redis, consumer: str, count: int = 100) -> list:
     await client.xgroup_create(STREAM, PROJECTOR, id="0", mkstream=True)
@@ -69,8 +71,8 @@ async def test_two_projectors_in_one_group_reach_the_same_state_as_one(
     events = []
     for n in range(300):
         events += [
-            event(f"r{n % 50}", "in_progress", 1000 + n),
-            event(f"r{n % 50}", "success", 1000 + n),
+            event(f"r{n % 50}", "in_progress", T0 + n),
+            event(f"r{n % 50}", "success", T0 + n),
         ]
     async with (
         running_sidecar(redis_url, redis_consumer_name="a", redis_batch_size=7),
@@ -93,8 +95,8 @@ async def test_redis_restart_mid_run_loses_nothing_and_readiness_follows(
 ) -> None:
     url = persistent_server.url
     client = aioredis.Redis.from_url(url)
-    first = [event(f"s{n}", "in_progress", 1000) for n in range(100)]
-    second = [event(f"s{n}", "success", 2000) for n in range(100)]
+    first = [event(f"s{n}", "in_progress", T0) for n in range(100)]
+    second = [event(f"s{n}", "success", T0 + 1000) for n in range(100)]
     try:
         async with running_sidecar(url) as sidecar:
             await publish(client, STREAM, first)

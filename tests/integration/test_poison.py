@@ -17,6 +17,7 @@ from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
 from sidecar.metrics import Metrics
 from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT, RedisTaskStatusProjector
 from tests.helpers import (
+    ADDED_MS,
     PROJECTOR,
     STREAM,
     event,
@@ -55,7 +56,7 @@ async def test_a_refused_event_in_a_batch_of_many_script_calls(
     count = CALL_SIZE * (MAX_IN_FLIGHT + 2)
     await redis_client.set(f"task-tracking:execution:x{count // 2}", "not a hash")
     events = [event(f"x{n}", "in_progress") for n in range(count)]
-    events += [event(f"x{n}", "success", occurred_at=2_000_000_000_000) for n in range(count)]
+    events += [event(f"x{n}", "success", occurred_at=1_750_000_000_000) for n in range(count)]
     ids = await publish(redis_client, STREAM, events)
     async with running_sidecar(redis_url, redis_batch_size=2 * count) as sidecar:
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
@@ -76,7 +77,7 @@ async def test_a_refused_event_in_a_batch_of_many_script_calls(
 def _decoded(items: list[dict], first: int = 1) -> list[ValidEvent]:
     events = []
     for n, item in enumerate(items, first):
-        decoded = decode_entry(f"{n}-0", {EVENT_FIELD: orjson.dumps(item)})
+        decoded = decode_entry(f"{ADDED_MS + n}-0", {EVENT_FIELD: orjson.dumps(item)})
         assert isinstance(decoded, ValidEvent)
         events.append(decoded)
     return events
@@ -90,10 +91,10 @@ async def test_a_refused_call_left_out_is_settled_before_a_later_batch_touches_i
     # until the refused call was applied again event by event, so the counts are those
     # of one event at a time in stream order (both of X's events took effect).
     await redis_client.set("task-tracking:execution:clash", "not a hash")
-    first = [event("clash", "in_progress"), event("x", "in_progress", 1000)]
+    first = [event("clash", "in_progress"), event("x", "in_progress", 1_700_000_001_000)]
     first += [event(f"e{n}", "in_progress") for n in range(CALL_SIZE + 10)]
     batch1 = _decoded(first)
-    batch2 = _decoded([event("x", "success", 2000)], first=len(batch1) + 1)
+    batch2 = _decoded([event("x", "success", 1_700_000_002_000)], first=len(batch1) + 1)
     client = connect(redis_url)
     metrics = Metrics()
     projector = RedisTaskStatusProjector(client, metrics, group=PROJECTOR)

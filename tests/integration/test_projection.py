@@ -13,6 +13,7 @@ from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
 from sidecar.metrics import Metrics
 from sidecar.projector import CALL_SIZE, RedisTaskStatusProjector
 from tests.helpers import (
+    ADDED_MS,
     PROJECTOR,
     STREAM,
     event,
@@ -23,6 +24,8 @@ from tests.helpers import (
     running_sidecar,
     wait_for,
 )
+
+T0 = 1_700_000_000_000
 
 
 async def project(redis_url: str, client: aioredis.Redis, events: list, **settings) -> None:
@@ -89,10 +92,12 @@ async def test_older_event_does_not_lower_the_project_index_score(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     await project(
-        redis_url, redis_client, [event("x", "success", 2000), event("x", "in_progress", 1000)]
+        redis_url,
+        redis_client,
+        [event("x", "success", T0 + 2000), event("x", "in_progress", T0 + 1000)],
     )
     score = await redis_client.zscore("task-tracking:project:my-org/my-repo:executions", "x")
-    assert score == 2000
+    assert score == T0 + 2000
 
 
 async def test_thousands_of_shuffled_duplicated_events_give_the_ordering_key_state(
@@ -201,7 +206,7 @@ async def test_a_backlog_batch_leaves_its_last_calls_out_and_a_later_flush_hands
     ]
     events = []
     for n, item in enumerate(data):
-        decoded = decode_entry(f"{n + 1}-0", {EVENT_FIELD: orjson.dumps(item)})
+        decoded = decode_entry(f"{ADDED_MS + n + 1}-0", {EVENT_FIELD: orjson.dumps(item)})
         assert isinstance(decoded, ValidEvent)
         events.append(decoded)
     client = connect(redis_url)

@@ -3,6 +3,7 @@ project-index retention and finished-execution expiry."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -102,8 +103,8 @@ async def test_hard_cap_counts_what_it_drops_unarchived(
 async def test_project_indexes_trimmed_by_size_and_age_and_finished_hashes_expire(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    now_ms = 1_900_000_000_000
-    old = [event(f"old{n}", "success", 1_000_000 + n, project="o/r") for n in range(5)]
+    now_ms = int(time.time() * 1000)
+    old = [event(f"old{n}", "success", 1_100_000_000_000 + n, project="o/r") for n in range(5)]
     new = [event(f"new{n}", "success", now_ms + n, project="o/r") for n in range(10)]
     running = [event("run", "in_progress", now_ms, project="o/s")]
     await publish(redis_client, STREAM, old + new + running)

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.events import decode_entry, model_event_facts, quick_event_facts
-from tests.helpers import event
+from sidecar.events import (
+    ValidEvent,
+    decode_entry,
+    decode_values,
+    model_event_facts,
+    quick_event_facts,
+)
+from tests.helpers import ADDED_MS, event
 
 NASTY_TEXT = st.sampled_from(
     [
@@ -168,5 +175,43 @@ def test_decode_entry_gives_the_model_verdict_when_the_fast_path_declines() -> N
     assert quick_event_facts(data) is None
     import orjson
 
-    decoded = decode_entry("1-0", {b"event": orjson.dumps(data)})
+    decoded = decode_entry(f"{ADDED_MS}-0", {b"event": orjson.dumps(data)})
     assert decoded.reason == model_event_facts(data)  # type: ignore[union-attr]
+
+
+WHITESPACE = st.text(alphabet=" \t\r\n", max_size=4)
+
+
+def _serializations(data: dict[str, Any], *, lone_surrogate: bool) -> list[bytes]:
+    """The same object as different publishers write it: compact, spaced, pretty-printed;
+    a lone surrogate can only be written escaped (as JSON.stringify does)."""
+    import json
+
+    escaped = [json.dumps(data).encode(), json.dumps(data, indent=2).encode()]
+    if lone_surrogate:
+        return escaped
+    return [
+        orjson.dumps(data),
+        *escaped,
+        json.dumps(data, ensure_ascii=False, indent="\t").encode(),
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events(), WHITESPACE, WHITESPACE, st.text(max_size=4), st.booleans())
+def test_whitespace_and_reserialization_never_change_the_verdict_or_the_projection(
+    data: dict[str, Any], before: str, after: str, name: str, cut: bool
+) -> None:
+    """Any event, any whitespace around it, any re-serialization, a string cut inside a
+    character: the same verdict, facts, decoded fields and warnings."""
+    # a lone high surrogate, as JavaScript's slice() leaves one in the middle of an emoji
+    data = {**data, "note": name + ("\ud83d" if cut else "\U0001f680")}
+    results = []
+    for raw in _serializations(data, lone_surrogate=cut):
+        decoded = decode_values(f"{ADDED_MS}-0", [before.encode() + raw + after.encode()])
+        if isinstance(decoded, ValidEvent):
+            assert b"\n" not in decoded.raw and decoded.raw == decoded.raw.strip()
+            results.append((decoded.fields, decoded.warnings, decoded.ordering_key))
+        else:
+            results.append(decoded.reason)
+    assert all(result == results[0] for result in results), results

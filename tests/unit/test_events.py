@@ -6,22 +6,22 @@ import orjson
 import pytest
 
 from sidecar.events import InvalidEntry, ValidEvent, decode_entry, occurred_at_ms
-from tests.helpers import event
+from tests.helpers import ADDED_MS, event
 
 
 def decode(data: object) -> ValidEvent | InvalidEntry:
     raw = data if isinstance(data, bytes) else orjson.dumps(data)
-    return decode_entry("1-0", {b"event": raw})
+    return decode_entry(f"{ADDED_MS}-0", {b"event": raw})
 
 
 def test_valid_event_keeps_raw_bytes_and_unknown_fields() -> None:
     data = event(extra_field={"nested": [1, 2]}, flow="release")
     raw = orjson.dumps(data)
-    decoded = decode_entry("5-1", {b"event": raw})
+    decoded = decode_entry(f"{ADDED_MS}-1", {b"event": raw})
     assert isinstance(decoded, ValidEvent)
     assert decoded.raw == raw
     assert decoded.fields["extra_field"] == {"nested": [1, 2]}
-    assert decoded.entry_id == "5-1"
+    assert decoded.entry_id == f"{ADDED_MS}-1"
 
 
 def test_iso_and_epoch_ms_timestamps_give_the_same_millisecond() -> None:
@@ -50,8 +50,6 @@ def test_iso_and_epoch_ms_timestamps_give_the_same_millisecond() -> None:
         (event(occurred_at="1969-12-31T23:59:59.999Z"), "before 1970"),
         (event(occurred_at="0001-01-01T00:00:00+01:00"), "before 1970"),  # no UTC day
         (event(event_id=""), "eventId"),
-        (event(actor={"provider": "email", "id": "x"}), "actor.provider"),
-        (event(prLinks=["not a url"]), "prLinks"),
     ],
 )
 def test_invalid_events_come_back_as_values_with_a_reason(data: object, reason: str) -> None:
@@ -62,7 +60,7 @@ def test_invalid_events_come_back_as_values_with_a_reason(data: object, reason: 
 
 
 def test_entry_without_event_field_is_invalid() -> None:
-    decoded = decode_entry("1-0", {b"other": b"x"})
+    decoded = decode_entry(f"{ADDED_MS}-0", {b"other": b"x"})
     assert isinstance(decoded, InvalidEntry)
     assert decoded.raw is None
     assert "no 'event' field" in decoded.reason
