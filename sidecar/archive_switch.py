@@ -322,4 +322,6 @@ def runner_options(settings: Settings) -> RunnerOptions:
         batch_size=settings.redis_batch_size,
         block_ms=settings.redis_block_ms,
         claim_idle_ms=settings.redis_claim_idle_ms,
+        dead_letter_maxlen=settings.dead_letter_maxlen,
+        limits=settings.event_limits,
     )

@@ -82,7 +82,7 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
 LEAST_PRIVILEGE_ACL = (
     "resetkeys ~task-events:* ~task-tracking:* resetchannels -@all"
     " +ping +multi +exec +discard"
-    " +xreadgroup +xack +xadd +xclaim +xpending +xlen +xrange +xrevrange +xtrim"
+    " +xreadgroup +xread +xack +xadd +xclaim +xpending +xlen +xrange +xrevrange +xtrim"
     " +xinfo|stream +xinfo|groups +xinfo|consumers"
     " +xgroup|create +xgroup|delconsumer +xgroup|setid"
     " +evalsha +eval +script|load +hmget +hset +del +expire +hgetall"

@@ -14,6 +14,7 @@ fail), `flush` makes some or all of them durable and returns their entry IDs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -24,10 +25,19 @@ from typing import Any, Protocol
 import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.events import InvalidEntry, ValidEvent, decode_entry
+from sidecar.events import (
+    DEAD_LETTER_EVENT_BYTES,
+    DEFAULT_LIMITS,
+    EventLimits,
+    EventValue,
+    InvalidEntry,
+    Oversized,
+    ValidEvent,
+    decode_values,
+)
 from sidecar.logs import ContextLogger
 from sidecar.metrics import Metrics
 
@@ -54,16 +64,79 @@ return -1
 """
 
 
-# KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1] group, ARGV[2] entry ID,
-# ARGV[3…] the dead-letter entry's fields. Dead-letters only what this call acknowledged.
+# KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1] group, ARGV[2] entry ID, ARGV[3]
+# the dead-letter stream's approximate cap (0: none), ARGV[4…] the dead-letter entry's
+# fields. Dead-letters only what this call acknowledged.
 ACK_THEN_DEAD_LETTER = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  if ARGV[3] ~= '0' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+  else
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  end
   return 1
 end
 return 0
 """
 
+# Reads entries for the group with a bound on the reply's size, so that no event, and no
+# batch of events, can grow the sidecar's memory past what it can hold.
+# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] `>` for new
+# entries, or an ID for this consumer's pending entries after it; ARGV[5] the longest
+# `event` value returned whole, ARGV[6] the prefix returned of a longer one, ARGV[7] the
+# reply's byte budget. XREADGROUP is called in chunks no larger than the budget holds at
+# the longest size, so nothing is delivered that is not returned.
+# Returns {entries, wait_from}: per entry {id, value, …} (its `event` values only; a
+# longer value as {prefix, size}; {id, 0} for a pending entry since deleted), and when
+# nothing new was there, the stream's last ID to block on.
+READ_BOUNDED = """
+local group, consumer, cursor = ARGV[1], ARGV[2], ARGV[4]
+local left, longest = tonumber(ARGV[3]), tonumber(ARGV[5])
+local prefix, budget = tonumber(ARGV[6]), tonumber(ARGV[7])
+local out = {}
+while left > 0 do
+  local count = math.min(left, math.max(1, math.floor(budget / longest)))
+  local reply = redis.call(
+    'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', KEYS[1], cursor)
+  local entries = reply and reply[1][2] or {}
+  for _, entry in ipairs(entries) do
+    local item = {entry[1]}
+    if not entry[2] then
+      item[2] = 0
+    else
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'event' then
+          local value = fields[i + 1]
+          if #value > longest then
+            item[#item + 1] = {string.sub(value, 1, prefix), #value}
+            budget = budget - prefix
+          else
+            item[#item + 1] = value
+            budget = budget - #value
+          end
+        end
+      end
+    end
+    out[#out + 1] = item
+  end
+  left = left - #entries
+  if #entries < count or budget < longest then break end
+  if cursor ~= '>' then cursor = entries[#entries][1] end
+end
+local wait_from = ''
+if #out == 0 and cursor == '>' then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  wait_from = last[1] and last[1][1] or '0-0'
+end
+return {out, wait_from}
+"""
+READ_BOUNDED_SHA = hashlib.sha1(READ_BOUNDED.encode()).hexdigest()
+# What one read may return, at most (besides one value of the longest size).
+READ_BUDGET_BYTES = 16 * 1024 * 1024
+
+# A stream entry as read: its ID and its `event` values (None: deleted from the stream).
+StreamEntry = tuple[str, list[EventValue] | None]
 
 # Entries decoded between two turns of the event loop when a batch is read ahead.
 DECODE_SLICE = 50
@@ -110,8 +183,12 @@ class RunnerOptions:
     batch_size: int = 500
     block_ms: int = 5000
     claim_idle_ms: int = 60_000
-    # Invalid entries: to the dead-letter stream (projector) or just acknowledged (archiver).
+    # Invalid entries: to the dead-letter stream, and malformed optional fields counted
+    # (projector); or just acknowledged (archiver, which would count them twice).
     dead_letter: bool = True
+    dead_letter_maxlen: int = 100_000
+    limits: EventLimits = DEFAULT_LIMITS
+    read_budget_bytes: int = READ_BUDGET_BYTES
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
 
@@ -148,6 +225,7 @@ class ConsumerGroupRunner:
         self._force_flush = False
         self._redis_lost = False
         self._next_claim = 0.0
+        self._warned: set[str] = set()  # optional fields whose first warning was logged
         # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
         context = {"worker": worker or group, "group": group, "consumer": consumer}
         self._log = ContextLogger(log, context)
@@ -280,61 +358,98 @@ class ConsumerGroupRunner:
 
     async def _recover_own_pending(self) -> None:
         """Re-read this consumer's whole pending list and settle it as one batch (on
-        start, and after any failure).
+        start, after any failure, and after claiming a dead consumer's entries).
 
         One batch, so a worker that groups entries (the archiver) forms exactly
         the groups it formed before a crash; see README "Exactly once".
         """
-        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
-        cursor = "0"
-        while True:
-            response: Any = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.stream: cursor}, count=self.options.batch_size
-            )
-            page = response[0][1] if response else []
-            if not page:
-                break
-            entries.extend(page)
-            cursor = page[-1][0].decode()
+        entries = await self._read_own_pending()
         if entries:
             self._log.info("re-reading %d pending entries of this consumer", len(entries))
-            await self._process(entries, force=True)
+            await self._accept(self._decode(entries), force=True)
 
-    async def _read_new(self) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    async def _read_own_pending(self) -> list[StreamEntry]:
+        entries: list[StreamEntry] = []
+        cursor = "0"
+        while page := (await self._read(cursor))[0]:
+            entries.extend(page)
+            cursor = page[-1][0]
+        return entries
+
+    async def _read_new(self) -> list[StreamEntry]:
+        """New entries for this consumer; when there are none, wait (up to the block time,
+        shorter when the handler has a flush due) for the stream to grow, then read."""
+        entries, wait_from = await self._read(">")
+        if entries or not wait_from:
+            return entries
         block = self.options.block_ms
         due = self.handler.seconds_until_due()
         if due is not None:
             block = max(1, min(block, int(due * 1000)))
-        # Not cancelled on stop: a cancelled command can leave redis-py's
-        # connection unusable, and what this read returns is still processed
-        # (the batch in hand). Stopping waits at most one block.
-        response: Any = await self.redis.xreadgroup(
+        # Only a wake-up: what it returns (one entry) is read again through the group.
+        # Not cancelled on stop: a cancelled command can leave redis-py's connection
+        # unusable. Stopping waits at most one block.
+        await self.redis.xread({self.stream: wait_from}, count=1, block=block)
+        return (await self._read(">"))[0]
+
+    async def _read(self, cursor: str) -> tuple[list[StreamEntry], str]:
+        """One bounded read (`READ_BOUNDED`): new entries (`>`) or own pending ones after
+        `cursor`; and, when nothing new was there, the ID to wait from."""
+        options = self.options
+        args = (
+            READ_BOUNDED_SHA,
+            1,
+            self.stream,
             self.group,
             self.consumer,
-            {self.stream: ">"},
-            count=self.options.batch_size,
-            block=block,
+            options.batch_size,
+            cursor,
+            options.limits.max_event_bytes,
+            DEAD_LETTER_EVENT_BYTES,
+            options.read_budget_bytes,
         )
-        return response[0][1] if response else []
+        try:
+            reply: Any = await self.redis.execute_command("EVALSHA", *args)
+        except NoScriptError:  # a restarted or failed-over server lost its script cache
+            await self.redis.script_load(READ_BOUNDED)
+            reply = await self.redis.execute_command("EVALSHA", *args)
+        entries: list[StreamEntry] = []
+        for item in reply[0]:
+            if item[1:] == [0]:
+                entries.append((item[0].decode(), None))
+                continue
+            values = [Oversized(v[0], v[1]) if type(v) is list else v for v in item[1:]]
+            entries.append((item[0].decode(), values))
+        return entries, reply[1].decode()
 
-    async def _process(
-        self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]], *, force: bool
-    ) -> None:
-        await self._accept(self._decode(entries), force=force)
-
-    def _decode(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> Batch:
+    def _decode(self, entries: Sequence[StreamEntry]) -> Batch:
         batch = Batch()
-        for raw_id, fields in entries:
-            entry_id = raw_id.decode()
-            if not fields:  # a pending entry deleted from the stream meanwhile (XADD needs a field)
+        limits = self.options.limits
+        for entry_id, values in entries:
+            if values is None:  # a pending entry deleted from the stream meanwhile
                 batch.invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
                 continue
-            decoded = decode_entry(entry_id, fields)
+            decoded = decode_values(entry_id, values, limits)
             if isinstance(decoded, InvalidEntry):
                 batch.invalid.append(decoded)
             else:
+                if decoded.warnings and self.options.dead_letter:
+                    self._warn(decoded)
                 batch.valid.append(decoded)
         return batch
+
+    def _warn(self, event: ValidEvent) -> None:
+        """Count a valid event's malformed optional fields; log the first of each field."""
+        for name in event.warnings:
+            self.metrics.event_warnings.labels(name).inc()
+            if name not in self._warned:
+                self._warned.add(name)
+                self._log.warning(
+                    "event field %s is not in the contract's shape; kept as sent"
+                    " (counted in task_tracking_event_warnings_total, logged once)",
+                    name,
+                    extra={"stream_id": event.entry_id, "execution_id": event.execution_id},
+                )
 
     async def _accept(self, batch: Batch, *, force: bool) -> None:
         """Hand a decoded batch to the handler and settle what is in hand."""
@@ -389,12 +504,10 @@ class ConsumerGroupRunner:
         # entry someone else settled, adds nothing. A cluster keeps the two streams
         # on different slots: dead-letter first, then acknowledge (at least once).
         standalone = isinstance(self.redis, Redis)
+        maxlen = self.options.dead_letter_maxlen
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in self._invalid:
-                fields: list[Any] = ["error", entry.reason, "sourceId", entry.entry_id]
-                fields += ["group", self.group]
-                if entry.raw is not None:
-                    fields = ["event", entry.raw, *fields]
+                fields = [*entry.dead_letter_fields(), "group", self.group]
                 if standalone:
                     pipe.eval(
                         ACK_THEN_DEAD_LETTER,
@@ -403,10 +516,12 @@ class ConsumerGroupRunner:
                         self.dead_letter_key,
                         self.group,
                         entry.entry_id,
+                        maxlen,
                         *fields,
                     )
                 else:
-                    pipe.execute_command("XADD", self.dead_letter_key, "*", *fields)
+                    cap: list[str | int] = ["MAXLEN", "~", maxlen] if maxlen else []
+                    pipe.execute_command("XADD", self.dead_letter_key, *cap, "*", *fields)
             results = await pipe.execute()
         if standalone:
             dead_lettered = sum(results)
@@ -442,16 +557,21 @@ class ConsumerGroupRunner:
                 continue
             ids = await self._pending_ids(name, int(info["pending"]))
             self._to_ack.extend(await self._flush(force=True))
+            await self._dispose_invalid()
             await self._ack([])
+            # IDs only: the entries are then read through the bounded read, like any other
             claimed: Any = await self.redis.xclaim(
-                self.stream, self.group, self.consumer, idle_ms, list[Any](ids)
+                self.stream, self.group, self.consumer, idle_ms, list[Any](ids), justid=True
             )
             if claimed:
                 self._log.warning(
                     "claimed %d pending entries of idle consumer %s", len(claimed), name
                 )
                 self.metrics.claimed.labels(self.group).inc(len(claimed))
-                await self._process(claimed, force=True)
+                wanted = {_text(entry_id) for entry_id in claimed}
+                # not a batch read ahead, which is pending here too and handled as read
+                entries = [e for e in await self._read_own_pending() if e[0] in wanted]
+                await self._accept(self._decode(entries), force=True)
 
     async def _pending_ids(self, consumer: str, count: int) -> list[str]:
         rows: Any = await self.redis.xpending_range(
