@@ -201,7 +201,10 @@ async def cmd_emit(args: argparse.Namespace) -> int:
     redis = connect(settings.redis_url)
     try:
         service = RedisTaskTrackingService(
-            redis, settings.redis_stream_key, responsible_users=users
+            redis,
+            settings.redis_stream_key,
+            responsible_users=users,
+            limits=settings.event_limits,
         )
         extra: dict[str, Any] = {}
         if args.flow:
@@ -220,9 +223,11 @@ async def cmd_emit(args: argparse.Namespace) -> int:
                 occurred_at=occurred_at,
                 **extra,
             )
+            entry_id = await service.emit(event)
         except ValidationError as exc:
             raise ConfigError(f"invalid event: {describe_event_error(exc)}") from None
-        entry_id = await service.emit(event)
+        except ValueError as exc:  # refused before sending, as the sidecar would
+            raise ConfigError(f"invalid event: {exc}") from None
     finally:
         await redis.aclose()
     print(f"{entry_id} {event.status} {event.execution_id}")

@@ -16,7 +16,14 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis, RedisCluster
 
-from sidecar.events import Status, TaskEvent
+from sidecar.events import (
+    DEFAULT_LIMITS,
+    EventLimits,
+    InvalidEntry,
+    Status,
+    TaskEvent,
+    decode_values,
+)
 
 
 def load_responsible_users(path: Path) -> list[str]:
@@ -45,14 +52,25 @@ class RedisTaskTrackingService:
         stream_key: str = "task-events:v1",
         *,
         responsible_users: list[str] | None = None,
+        limits: EventLimits = DEFAULT_LIMITS,
     ) -> None:
         self.redis = redis
         self.stream_key = stream_key
         self.responsible_users = responsible_users
+        self.limits = limits
 
     async def emit(self, event: TaskEvent) -> str:
-        """Publish one event; returns its stream entry ID."""
-        entry_id = await self.redis.xadd(self.stream_key, {"event": event.to_json()})
+        """Publish one event; returns its stream entry ID. Raises ValueError, before
+        sending, for an event the sidecar would dead-letter or warn about."""
+        raw = event.to_json()
+        # the sidecar's own verdict, with the entry added now
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        decoded = decode_values(f"{now_ms}-0", [raw], self.limits)
+        if isinstance(decoded, InvalidEntry):
+            raise ValueError(decoded.reason)
+        if decoded.warnings:
+            raise ValueError(f"{decoded.warnings[0]}: not in the shape the contract gives it")
+        entry_id = await self.redis.xadd(self.stream_key, {"event": raw})
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def build(

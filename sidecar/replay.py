@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from sidecar.archive_switch import ArchiveTarget, S3Clients
 from sidecar.config import Settings
 from sidecar.connections import connect
-from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
+from sidecar.events import ValidEvent, decode_values
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
 from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError
 
 log = logging.getLogger(__name__)
 
-DAY_IN_KEY = re.compile(r"/(\d{4}-\d{2}-\d{2})/events-\d{13}-[0-9a-z]{6}\.jsonl$")
+DAY_IN_KEY = re.compile(r"/(\d{4}-\d{2}-\d{2})/events-(\d{13})-[0-9a-z]{6}\.jsonl$")
 APPLY_CHUNK = 1000
 
 
@@ -58,6 +58,7 @@ async def replay_archive(
     target = ArchiveTarget.from_settings(settings)
     clients = S3Clients()
     redis = connect(settings.redis_url)
+    limits = settings.event_limits
     summary = ReplaySummary()
     started = time.monotonic()
     try:
@@ -79,8 +80,13 @@ async def replay_archive(
                 summary.failed_objects += 1
                 continue
             events: list[ValidEvent] = []
+            added_ms = _first_entry_ms(key)
             for line_number, line in enumerate(body.splitlines(), 1):
-                decoded = decode_entry(f"archive:{key}:{line_number}", {EVENT_FIELD: line})
+                # the same verdicts as the projector's; the future limit counts from the
+                # time of the object's first stream entry, which its key carries
+                decoded = decode_values(
+                    f"archive:{key}:{line_number}", [line], limits, added_ms=added_ms
+                )
                 if isinstance(decoded, ValidEvent):
                     events.append(decoded)
                 else:
@@ -115,6 +121,12 @@ async def _sink(target: ArchiveTarget, clients: S3Clients) -> ArchiveSink:
             "TASK_TRACKING_S3_BUCKET is not set: set it to the archive bucket", "config"
         )
     return S3Sink(await clients.get(target.region, target.endpoint_url), target.bucket)
+
+
+def _first_entry_ms(key: str) -> int | None:
+    """The stream time of an archive object's first entry, from its key."""
+    match = DAY_IN_KEY.search(key)
+    return int(match.group(2)) if match is not None else None
 
 
 def _in_range(key: str, since: str | None, until: str | None) -> bool:
