@@ -171,6 +171,12 @@ initContainers) list. It needs the volumes of "task-tracking.sidecarVolumes".
       value: {{ int64 $v.retention.projectIndexMaxAgeDays | quote }}
     - name: TASK_TRACKING_PROJECT_INDEX_MAX_SIZE
       value: {{ int64 $v.retention.projectIndexMaxSize | quote }}
+    - name: TASK_TRACKING_MAX_EVENT_BYTES
+      value: {{ int64 $v.events.maxBytes | quote }}
+    - name: TASK_TRACKING_MAX_FUTURE_SECONDS
+      value: {{ int64 $v.events.maxFutureSeconds | quote }}
+    - name: TASK_TRACKING_DEAD_LETTER_MAXLEN
+      value: {{ int64 $v.events.deadLetterMaxlen | quote }}
     - name: TASK_TRACKING_HTTP_PORT
       value: {{ int64 $v.http.port | quote }}
     - name: TASK_TRACKING_LOG_LEVEL
