@@ -406,7 +406,8 @@ class ConsumerGroupRunner:
             cursor,
             options.limits.max_event_bytes,
             DEAD_LETTER_EVENT_BYTES,
-            options.read_budget_bytes,
+            # room for a few events of the largest size: a read always takes several
+            max(options.read_budget_bytes, 4 * options.limits.max_event_bytes),
         )
         try:
             reply: Any = await self.redis.execute_command("EVALSHA", *args)

@@ -50,6 +50,8 @@ ONE_MS = timedelta(milliseconds=1)
 # eventId, executionId and taskName become Redis keys, log fields and terminal output.
 IDENTIFIERS = ("eventId", "executionId", "taskName")
 IDENTIFIER_MAX_BYTES = 512
+# Fields whose malformed value is a warning, not a refusal.
+OPTIONAL_FIELDS = ("actor", "prLinks", "visibility", "flow")
 # C0, DEL and C1 controls: a newline or NUL in a key or a log line is never meant.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # An integer occurredAt below this is 1973 in milliseconds, but 5138 in seconds.

@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sidecar import __version__
+from sidecar.events import OPTIONAL_FIELDS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
@@ -101,6 +102,8 @@ class Metrics:
             "Valid events with a malformed optional field, kept as sent, by field.",
             ("field",),
         )
+        for name in OPTIONAL_FIELDS:  # every series from start-up, at 0
+            self.event_warnings.labels(name)
         self.claimed = counter(
             "task_tracking_entries_claimed",
             "Pending entries claimed from consumers taken for dead.",
