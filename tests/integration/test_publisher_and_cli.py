@@ -52,6 +52,34 @@ async def test_track_emits_in_progress_then_success_or_error(
     ]
 
 
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"occurred_at": 1_796_151_007}, "looks like epoch seconds"),
+        ({"occurred_at": "9999-12-31T23:59:59Z"}, "TASK_TRACKING_MAX_FUTURE_SECONDS"),
+        ({"execution_id": "a\nb"}, "control character"),
+        ({"blob": "x" * 2048}, "TASK_TRACKING_MAX_EVENT_BYTES"),
+        ({"prLinks": ["ftp://x"]}, "prLinks"),
+    ],
+)
+async def test_publisher_refuses_before_sending_what_the_sidecar_would_refuse(
+    redis_client: aioredis.Redis, extra: dict[str, object], reason: str
+) -> None:
+    from sidecar.events import EventLimits
+
+    service = RedisTaskTrackingService(redis_client, limits=EventLimits(max_event_bytes=1024))
+    values: dict[str, object] = {"execution_id": "e1", "occurred_at": None, **extra}
+    with pytest.raises(ValueError, match=reason):  # from build(), or from emit()
+        event = service.build(
+            task_name="deploy",
+            project="o/r",
+            status="success",
+            **values,  # type: ignore[arg-type]
+        )
+        await service.emit(event)
+    assert await redis_client.xlen(STREAM) == 0
+
+
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidecar", *args],
@@ -80,6 +108,11 @@ async def test_emit_status_and_list_commands(
         cli, "emit", *common[:4], "--project", "../x", "--status", "success", env=env
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "project" in bad.stderr
+    seconds = await asyncio.to_thread(
+        cli, "emit", *common, "--status", "success", "--occurred-at", "1796151007", env=env
+    )
+    assert seconds.returncode == 2 and seconds.stderr.count("\n") == 1, seconds.stderr
+    assert "looks like epoch seconds; send milliseconds" in seconds.stderr
     async with running_sidecar(redis_url):
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
     status = await asyncio.to_thread(cli, "status", "c1", "--json", env=env)
