@@ -386,10 +386,20 @@ class ConsumerGroupRunner:
         due = self.handler.seconds_until_due()
         if due is not None:
             block = max(1, min(block, int(due * 1000)))
-        # Only a wake-up: what it returns (one entry) is read again through the group.
-        # Not cancelled on stop: a cancelled command can leave redis-py's connection
-        # unusable. Stopping waits at most one block.
-        await self.redis.xread({self.stream: wait_from}, count=1, block=block)
+        # Only a wake-up: what it returns (one entry) is read again through the group. It
+        # delivers nothing, so a stop cuts it short (redis-py drops a connection whose
+        # command was cancelled): stopping an idle consumer does not wait for the block.
+        wake = asyncio.ensure_future(
+            self.redis.xread({self.stream: wait_from}, count=1, block=block)
+        )
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({wake, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not wake.done():
+            wake.cancel()
+            await asyncio.gather(wake, return_exceptions=True)
+            return []
+        wake.result()  # a lost connection, say
         return (await self._read(">"))[0]
 
     async def _read(self, cursor: str) -> tuple[list[StreamEntry], str]:

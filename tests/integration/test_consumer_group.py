@@ -144,3 +144,41 @@ async def _has_group(client: aioredis.Redis) -> bool:
         return any(g["name"] == PROJECTOR.encode() for g in await client.xinfo_groups(STREAM))
     except Exception:
         return False
+
+
+async def test_an_idle_consumer_stops_without_waiting_for_its_blocking_read(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The idle wait delivers nothing, so stop cuts it short; the client stays usable."""
+    from sidecar.connections import connect
+    from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
+    from sidecar.metrics import Metrics
+    from sidecar.projector import RedisTaskStatusProjector
+
+    client = connect(redis_url)
+    metrics = Metrics()
+    runner = ConsumerGroupRunner(
+        client,
+        stream=STREAM,
+        group=PROJECTOR,
+        consumer="idle",
+        handler=RedisTaskStatusProjector(client, metrics, group=PROJECTOR),
+        metrics=metrics,
+        options=RunnerOptions(block_ms=5000),
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_for(runner.ready.is_set, message="ready")
+        await wait_for(lambda: _blocked_clients(redis_client), message="blocked in XREAD")
+        await runner.stop()
+        # well inside the 5 s block: the wait was cut, not waited out
+        await asyncio.wait_for(task, 2.5)
+        await publish(redis_client, STREAM, [event("after", "success")])
+        assert await client.xlen(STREAM) == 1  # the shared client still works
+    finally:
+        task.cancel()
+        await client.aclose()
+
+
+async def _blocked_clients(client: aioredis.Redis) -> bool:
+    return int((await client.info("clients"))["blocked_clients"]) > 0
