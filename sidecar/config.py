@@ -19,7 +19,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sidecar.events import EventLimits
 
 ENV_PREFIX = "TASK_TRACKING_"
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class ConfigError(Exception):
@@ -125,16 +124,6 @@ class Settings(BaseSettings):
     @property
     def dead_letter_key(self) -> str:
         return f"{self.redis_stream_key}:dead-letter"
-
-    @property
-    def pod_namespace(self) -> str:
-        """The namespace to watch: the setting, else the service account's namespace."""
-        if self.namespace:
-            return self.namespace
-        try:
-            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-        except OSError:
-            return "default"
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -146,6 +146,27 @@ def has_kubernetes_credentials() -> bool:
         return False
 
 
+def watched_namespace(configured: str) -> tuple[str, str]:
+    """The namespace of the TaskTracking to watch, picked as kubectl picks it, and where it
+    came from (for the start-up log line): the setting, else the pod's service account,
+    else the kubeconfig's current context, else `default`."""
+    if configured:
+        return configured, "TASK_TRACKING_NAMESPACE"
+    settings = kopf.OperatorSettings()
+    sources = (
+        (kopf.login_with_service_account, "the pod's service account"),
+        (kopf.login_with_kubeconfig, "the kubeconfig's current context"),
+    )
+    for login, source in sources:
+        try:
+            info = login(settings=settings)
+        except Exception:  # a broken kubeconfig is reported by the login itself
+            info = None
+        if info is not None and info.default_namespace:
+            return info.default_namespace, source
+    return "default", "no namespace set (TASK_TRACKING_NAMESPACE, service account, kubeconfig)"
+
+
 def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 

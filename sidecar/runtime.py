@@ -155,7 +155,11 @@ class Sidecar:
     async def _start_watch(self) -> None:
         if not self.settings.resource_name:
             return
-        from sidecar.operator import ResourceWatch, has_kubernetes_credentials  # kopf
+        from sidecar.operator import (  # kopf
+            ResourceWatch,
+            has_kubernetes_credentials,
+            watched_namespace,
+        )
 
         if not has_kubernetes_credentials():
             log.info(
@@ -165,10 +169,17 @@ class Sidecar:
             )
             return
 
+        namespace, source = watched_namespace(self.settings.namespace)
+        log.info(
+            "watching TaskTracking %s/%s (namespace from %s)",
+            namespace,
+            self.settings.resource_name,
+            source,
+        )
         self.watch = ResourceWatch(
             self,
             resource_name=self.settings.resource_name,
-            namespace=self.settings.pod_namespace,
+            namespace=namespace,
             pod_name=self.settings.redis_consumer_name,
             on_generation=self.metrics.resource_generation.set,
         )
