@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import platform
+import time
 from bisect import bisect_left, bisect_right
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from sidecar import __version__
 from sidecar.events import OPTIONAL_FIELDS
@@ -14,6 +24,10 @@ from sidecar.events import OPTIONAL_FIELDS
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 AGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+# /metrics is rendered at most this often; scrapes in between get the same bytes.
+EXPOSITION_TTL_SECONDS = 1.0
 
 
 def observe_many(histogram: Any, values: list[float]) -> None:
@@ -42,6 +56,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._exposition: tuple[float, bytes] | None = None
+        # process_* (RSS, CPU, open fds, start time) and python_* (GC, version): what a
+        # sidecar in every pod is judged by.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -62,6 +82,12 @@ class Metrics:
         self.pending = gauge(
             "task_tracking_consumer_group_pending",
             "Entries delivered to the group and not yet acknowledged.",
+            ("group",),
+        )
+        self.group_active = gauge(
+            "task_tracking_consumer_group_active",
+            "1 while this sidecar runs the group's worker (the archiver's: archival on);"
+            " a group's lag and pending are exported either way.",
             ("group",),
         )
         self.oldest_pending_age = gauge(
@@ -201,4 +227,10 @@ class Metrics:
         (self.dead_lettered if dead_letter else self.invalid_skipped).labels(group)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition, rendered at most once per `EXPOSITION_TTL_SECONDS`: a
+        scrape storm then costs the event loop (and so the projector) one rendering a
+        second, not one per scrape. The figures themselves move at most every 5 s."""
+        now = time.monotonic()
+        if self._exposition is None or now - self._exposition[0] >= EXPOSITION_TTL_SECONDS:
+            self._exposition = (now, generate_latest(self.registry))
+        return self._exposition[1]

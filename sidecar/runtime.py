@@ -77,11 +77,12 @@ class Sidecar:
                 settings.redis_archiver_consumer_group,
             ],
             interval=stats_interval,
-            # The archiver group's figures only while archival is on (off, retention bounds it).
+            # task_tracking_consumer_group_active: the archiver group only while archival is on
             active=lambda group: (
                 group != settings.redis_archiver_consumer_group or self.archive.target.enabled
             ),
             after_sample=self.readiness_problems,  # keeps task_tracking_ready current
+            first_after=self.projector_runner.ready,
         )
         self.retention = StreamRetention(
             self.redis,
@@ -224,6 +225,8 @@ class Sidecar:
     def readiness_problems(self) -> list[str]:
         """Why the sidecar cannot do its work now; also sets `task_tracking_ready`."""
         problems = []
+        if not self.stats.sampled:  # ready means the lag figures are there to scrape too
+            problems.append("stream statistics not sampled yet")
         if not self.projector_runner.ready.is_set():
             reason = self.projector_runner.failure or "consumer group not ready yet"
             problems.append(f"projector: {reason}")

@@ -42,6 +42,7 @@ class StreamStatsSampler:
         interval: float = 5.0,
         active: Callable[[str], bool] | None = None,
         after_sample: Callable[[], object] | None = None,
+        first_after: asyncio.Event | None = None,
     ) -> None:
         self.redis = redis
         self.metrics = metrics
@@ -49,9 +50,14 @@ class StreamStatsSampler:
         self.dead_letter = f"{stream}:dead-letter"
         self.groups = groups
         self.interval = interval
-        # Groups not active in this sidecar (the archiver's while archival is off)
-        # have their series removed rather than report a backlog nobody works on.
+        # Whether this sidecar works on a group (the archiver's: archival on); a group's
+        # figures are exported either way, so a backlog building up while archival is off
+        # (which retention drops after a day) can be seen and alerted on.
         self.active = active or (lambda group: True)
+        self.sampled = False  # a first sample succeeded (readiness waits for it)
+        # The first sample waits (one interval at most) for this: the projector's group
+        # ready, so that the first figures already include it.
+        self.first_after = first_after
         # Called after every sample, failed or not (the runtime refreshes readiness).
         self.after_sample = after_sample
         self.last: dict[str, dict[str, float]] = {}  # group -> {"lag", "pending", ...}
@@ -59,6 +65,9 @@ class StreamStatsSampler:
 
     async def run(self) -> None:
         """Sample every `interval` seconds until `stop()`."""
+        if self.first_after is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.first_after.wait(), self.interval)
         while not self._stopping.is_set():
             try:
                 await self.sample()
@@ -88,9 +97,7 @@ class StreamStatsSampler:
             name = _text(info["name"])
             if name not in self.groups:
                 continue
-            if not self.active(name):
-                self._forget(name)
-                continue
+            self.metrics.group_active.labels(name).set(1 if self.active(name) else 0)
             lag = info.get("lag")
             if lag is None:
                 lag = await self.lag_without_redis(info)
@@ -106,11 +113,7 @@ class StreamStatsSampler:
             self.metrics.pending.labels(name).set(pending)
             self.metrics.oldest_pending_age.labels(name).set(oldest_age)
             self.last[name] = {"lag": int(lag), "pending": pending, "oldest": oldest_age}
-
-    def _forget(self, group: str) -> None:
-        if self.last.pop(group, None) is not None:
-            for gauge in (self.metrics.lag, self.metrics.pending, self.metrics.oldest_pending_age):
-                gauge.remove(group)
+        self.sampled = True
 
     async def lag_without_redis(self, group: dict[str, Any]) -> int:
         """A group's lag when XINFO GROUPS answers nil: entries after its last-delivered ID."""

@@ -98,6 +98,7 @@ async def test_readyz_fails_while_an_enabled_archiver_cannot_write(
         redis_url, s3_archive_enabled=True, archive_sink="folder", archive_folder=blocker / "x"
     ) as sidecar:
         await wait_for(lambda: sidecar.projector_runner.ready.is_set(), message="projector")
+        await wait_for(lambda: sidecar.stats.sampled, message="first statistics sample")
         status, body = await get(sidecar, "/readyz")
         assert status == 503
         assert len(body["problems"]) == 1 and body["problems"][0].startswith("archiver: ")

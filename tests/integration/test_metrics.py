@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.archive_switch import ArchiveTarget
+from sidecar.metrics import Metrics
 from tests.conftest import MotoServer
 from tests.helpers import (
     ARCHIVER,
@@ -212,13 +213,22 @@ async def test_mixed_run_shows_both_groups_dead_letters_latency_and_archive_stat
         assert during.get("task_tracking_archive_objects_total") == 0
         assert during.get("task_tracking_end_to_end_latency_seconds_count", group=PROJECTOR) == 30
 
-        # after: switching archival off flushes everything, then the gauge reads 0
+        # after: switching archival off flushes everything, then the gauge reads 0; the
+        # archiver group's figures stay, marked inactive (a backlog while off is visible)
         assert await sidecar.apply_archive_target(ArchiveTarget(enabled=False)) is None
         after = await until_scrape(
             sidecar,
-            lambda s: not s.series("task_tracking_consumer_group_lag")[1:],
-            "archiver group series dropped while archival is off",
+            lambda s: s.get("task_tracking_consumer_group_active", group=ARCHIVER) == 0,
+            "archiver group marked inactive while archival is off",
         )
+        await publish(redis_client, STREAM, [event("while-off", "success")])
+        off = await until_scrape(
+            sidecar,
+            lambda s: s.get("task_tracking_consumer_group_lag", group=ARCHIVER) == 1,
+            "the archiver group's lag grows while archival is off",
+        )
+        assert off.get("task_tracking_consumer_group_active", group=PROJECTOR) == 1
+        assert off.get("task_tracking_consumer_group_lag", group=PROJECTOR) == 0
     objects = archive_objects_folder(folder)
     assert len(objects) == 6  # 3 projects x 2 days
     assert after.get("task_tracking_archive_objects_total") == len(objects)
@@ -228,7 +238,9 @@ async def test_mixed_run_shows_both_groups_dead_letters_latency_and_archive_stat
     assert after.get("task_tracking_events_applied_total", group=ARCHIVER) == len(valid)
     assert after.get("task_tracking_end_to_end_latency_seconds_count", group=ARCHIVER) == 30
     assert sum(s.value for s in after.samples if s.name == "task_tracking_archive_enabled") == 0
-    assert after.series("task_tracking_consumer_group_lag") == [{"group": PROJECTOR}]
+    assert sorted(after.series("task_tracking_consumer_group_lag"), key=str) == sorted(
+        [{"group": PROJECTOR}, {"group": ARCHIVER}], key=str
+    )
 
 
 async def test_archive_failures_by_reason_and_ready_gauge_without_readyz_calls(
@@ -348,3 +360,32 @@ async def test_every_metric_the_alerts_and_dashboard_use_is_in_a_real_scrape(
         )
     missing = referenced - scraped.exposed_names()
     assert not missing, f"queried by the chart but not exposed: {sorted(missing)}"
+
+
+async def test_ready_means_the_lag_figures_are_there_and_process_metrics_are_exported(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    await publish(redis_client, STREAM, [event(f"r{n}", "success") for n in range(10)])
+    async with running_sidecar(redis_url) as sidecar:
+        await wait_for(lambda: not sidecar.readiness_problems(), message="ready")
+        # scraped right after readiness turned true: the figures of a first sample
+        first = await scrape(sidecar)
+        assert first.get("task_tracking_consumer_group_lag", group=PROJECTOR) is not None
+        assert first.get("task_tracking_consumer_group_active", group=PROJECTOR) == 1
+        assert first.get("process_resident_memory_bytes") > 0
+        assert first.get("process_open_fds") > 0
+        assert first.get("process_start_time_seconds") > 0
+        assert first.get("python_info", implementation="CPython") == 1
+
+
+def test_metrics_are_rendered_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar import metrics as metrics_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    metrics = Metrics()
+    before = metrics.exposition()
+    metrics.read.labels("g").inc(5)
+    assert metrics.exposition() is before  # a scrape storm gets the cached bytes
+    clock[0] += metrics_module.EXPOSITION_TTL_SECONDS
+    assert b'task_tracking_events_read_total{group="g"} 5.0' in metrics.exposition()
