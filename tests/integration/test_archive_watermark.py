@@ -1,0 +1,236 @@
+"""The archive watermark: a lost archiver group is re-created where archival stood.
+
+Each scenario ends with the exactly-once check of every archived line; the group is
+destroyed with `XGROUP DESTROY`, as a mistaken cleanup would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.watermark import ADVANCE_MARKS, MAX_SEQUENCE, just_below
+from tests.helpers import (
+    ARCHIVER,
+    PROJECTOR,
+    STREAM,
+    archive_objects_folder,
+    check_exactly_once,
+    event,
+    group_done,
+    group_pending,
+    group_read_all,
+    publish,
+    running_sidecar,
+    wait_for,
+)
+
+MARKS = f"{STREAM}:archived"
+DAY = 86_400_000
+T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
+
+
+def folder_settings(folder: Path, **overrides: Any) -> dict[str, Any]:
+    return {
+        "s3_archive_enabled": True,
+        "archive_sink": "folder",
+        "archive_folder": folder,
+        **overrides,
+    }
+
+
+async def marks(client: aioredis.Redis) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await client.hgetall(MARKS)).items()}
+
+
+async def advance(client: aioredis.Redis, through: str, *pairs: str) -> dict[str, str]:
+    await client.eval(ADVANCE_MARKS, 1, MARKS, through, *pairs)
+    return await marks(client)
+
+
+def recreated(sidecar: Any) -> float:
+    value: float = sidecar.metrics.group_recreated.labels(ARCHIVER)._value.get()
+    return value
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+async def test_marks_move_forward_only_and_fields_below_the_through_mark_are_dropped(
+    redis_client: aioredis.Redis,
+) -> None:
+    assert await advance(redis_client, "5-0", "a/b/2026-03-15", "10-0") == {
+        "*": "5-0",
+        "a/b/2026-03-15": "10-0",
+    }
+    # backwards: nothing moves; a field at or below the through mark is not written
+    assert await advance(redis_client, "3-0", "a/b/2026-03-15", "7-0", "c/d/2026-03-15", "5-0") == {
+        "*": "5-0",
+        "a/b/2026-03-15": "10-0",
+    }
+    # compared as (ms, seq) numbers, not as text: 10-0 < 9-5 as strings, not as IDs
+    assert (await advance(redis_client, "9-5", "a/b/2026-03-15", "10-10"))["a/b/2026-03-15"] == (
+        "10-10"
+    )
+    assert (await advance(redis_client, "", "a/b/2026-03-15", "100-2"))["a/b/2026-03-15"] == "100-2"
+    # a 64-bit sequence (just below an ID ending in -0) compares right (Lua has doubles)
+    below = just_below((100, 0))
+    assert below == (99, MAX_SEQUENCE)
+    state = await advance(redis_client, f"{below[0]}-{below[1]}", "e/f/2026-03-16", "99-7")
+    assert state == {"*": f"99-{MAX_SEQUENCE}", "a/b/2026-03-15": "100-2"}
+    # the through mark passing a field drops it, and the redelivery bound with it
+    await advance(redis_client, "", "*redelivery", "100-1")
+    assert (await marks(redis_client))["*redelivery"] == "100-1"
+    assert await advance(redis_client, "100-2") == {"*": "100-2"}
+
+
+async def test_group_destroyed_mid_run_across_projects_and_days_archives_exactly_once(
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    folder = tmp_path / "archive"
+    rng = random.Random(7)
+    published: list[dict[str, Any]] = []
+    stopping = asyncio.Event()
+
+    async def produce() -> None:
+        # org0 is busy (its buffers fill and flush by count), the others trickle in and
+        # flush by age: buffers of different projects and days flush at different times.
+        while not stopping.is_set():
+            batch = []
+            for _ in range(20):
+                project = "org0/repo" if rng.random() < 0.7 else f"org{rng.randrange(1, 4)}/repo"
+                at = T0 + rng.randrange(3) * DAY + rng.randrange(1000)
+                name = f"x{len(published) + len(batch)}"
+                batch.append(event(name, "success", at, project=project))
+            published.extend(batch)
+            await publish(redis_client, STREAM, batch)
+            await asyncio.sleep(0.02)
+
+    settings = folder_settings(
+        folder, archive_flush_max_events=30, archive_flush_max_age_seconds=0.8
+    )
+    async with running_sidecar(redis_url, **settings) as sidecar:
+        producer = asyncio.create_task(produce())
+        try:
+            # marks above the through mark: some buffers flushed, others not yet
+            await wait_for(lambda: _per_buffer_marks(redis_client), message="per-buffer marks")
+            # Retention trims what both groups acknowledged, so the stream now starts in
+            # the middle of objects: re-read from there, runs would start at other entries
+            # than the objects do, and the read-back could not find them.
+            await wait_for(lambda: sidecar.retention.trim_stream(), message="a trim")
+            await redis_client.xgroup_destroy(STREAM, ARCHIVER)
+            await wait_for(lambda: recreated(sidecar) == 1, message="group re-created")
+            await asyncio.sleep(1.5)  # publishing goes on into the re-created group
+        finally:
+            stopping.set()
+            await producer
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), 30, "archived")
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), 30, "projected")
+        skipped = sidecar.metrics.archive_watermark_skipped._value.get()
+    figures = check_exactly_once(
+        archive_objects_folder(folder), [orjson.dumps(e) for e in published]
+    )
+    print(f"\nwatermark figures: events={len(published)} skipped={skipped} {figures}")
+    assert recreated(sidecar) == 1
+    assert len(warnings_about(caplog, "re-created at the archive watermark")) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no traceback"
+
+
+async def _per_buffer_marks(client: aioredis.Redis) -> bool:
+    return len([name for name in await marks(client) if not name.startswith("*")]) >= 2
+
+
+async def test_group_destroyed_while_the_sidecar_is_stopped_is_re_created_at_the_watermark(
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder = tmp_path / "archive"
+    settings = folder_settings(
+        folder, archive_flush_max_events=40, archive_flush_max_age_seconds=0.5
+    )
+    first = [
+        event(f"a{n}", "success", T0 + (n % 2) * DAY + n, project=f"org{n % 3}/repo")
+        for n in range(300)
+    ]
+    await publish(redis_client, STREAM, first)
+    async with running_sidecar(redis_url, **settings):
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), message="archived")
+    through = (await marks(redis_client))["*"]
+    ids = [entry_id.decode() for entry_id, _ in await redis_client.xrange(STREAM)]
+    assert through == ids[-1]  # nothing buffered, nobody else pending: the last entry
+
+    # As retention does once both groups acknowledged them: the stream then starts in the
+    # middle of objects (a group re-created at 0 would write the rest again).
+    await redis_client.xtrim(STREAM, minid=ids[150])
+    await redis_client.xgroup_destroy(STREAM, ARCHIVER)
+    second = [event(f"b{n}", "success", T0 + n, project="org1/repo") for n in range(50)]
+    await publish(redis_client, STREAM, second)
+    caplog.clear()
+    async with running_sidecar(redis_url, **settings) as sidecar:
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), message="archived")
+        assert recreated(sidecar) == 1
+    check_exactly_once(archive_objects_folder(folder), [orjson.dumps(e) for e in first + second])
+    (line,) = warnings_about(caplog, "re-created at the archive watermark")
+    assert through in line
+
+
+async def test_a_lost_group_without_a_watermark_starts_at_0_and_says_what_that_means(
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restore that lost both the group and the watermark: created at `0`, as before.
+    The same flush settings cut the same runs, so the read-back finds every object."""
+    folder = tmp_path / "archive"
+    settings = folder_settings(folder, archive_flush_max_events=1000)
+    events = [event(f"r{n}", "success", T0 + n, project=f"org{n % 2}/repo") for n in range(200)]
+    await publish(redis_client, STREAM, events)
+    async with running_sidecar(redis_url, **settings):  # stopping flushes both buffers
+        await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER), message="read")
+    await redis_client.xgroup_destroy(STREAM, ARCHIVER)
+    await redis_client.delete(MARKS)
+    caplog.clear()
+    async with running_sidecar(redis_url, **settings) as sidecar:
+        await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER), message="read")
+    assert await group_pending(redis_client, STREAM, ARCHIVER) == 0
+    assert recreated(sidecar) == 0
+    assert sidecar.metrics.archive_already_present._value.get() == 2  # one per project
+    (line,) = warnings_about(caplog, "no archive watermark")
+    assert "200 entries" in line and "read-back" in line
+    check_exactly_once(archive_objects_folder(folder), [orjson.dumps(e) for e in events])
+
+
+async def test_a_fresh_stream_is_created_at_0_without_a_warning(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_sidecar(redis_url, **folder_settings(tmp_path / "archive")):
+        await wait_for(lambda: _group_exists(redis_client), message="group created")
+    assert not warnings_about(caplog, "consumer group")
+    assert not await redis_client.exists(MARKS)
+
+
+async def _group_exists(client: aioredis.Redis) -> bool:
+    with contextlib.suppress(Exception):
+        return ARCHIVER.encode() in [g["name"] for g in await client.xinfo_groups(STREAM)]
+    return False
