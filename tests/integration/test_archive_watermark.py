@@ -234,3 +234,46 @@ async def _group_exists(client: aioredis.Redis) -> bool:
     with contextlib.suppress(Exception):
         return ARCHIVER.encode() in [g["name"] for g in await client.xinfo_groups(STREAM)]
     return False
+
+
+async def test_the_through_mark_stays_below_what_another_consumer_holds_pending(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """With several replicas the through mark must hold for the whole group: a consumer
+    that read entries and stopped (they are pending, unarchived) keeps it below them."""
+    folder = tmp_path / "archive"
+    events = [event(f"p{n}", "success", T0 + n, project=f"org{n % 2}/repo") for n in range(60)]
+    ids = await publish(redis_client, STREAM, events)
+    await redis_client.xgroup_create(STREAM, ARCHIVER, id="0")
+    await redis_client.xreadgroup(ARCHIVER, "dead-pod", {STREAM: ">"}, count=5)
+    settings = folder_settings(folder, archive_flush_max_age_seconds=0.3)
+    async with running_sidecar(redis_url, **settings, redis_claim_idle_ms=60_000):
+        await wait_for(lambda: _archived_all_but(redis_client, 5), message="the rest archived")
+        assert (await marks(redis_client))["*"] == _below(ids[0])
+    # A replica that claims them (idle past the claim time) archives them: the mark moves
+    # past them, to the last entry this replica was handed.
+    more = [event(f"q{n}", "success", T0 + n, project="org0/repo") for n in range(10)]
+    async with running_sidecar(redis_url, **settings, redis_claim_idle_ms=1000):
+        await wait_for(lambda: _pending_is(redis_client, 0), message="claimed and archived")
+        ids += await publish(redis_client, STREAM, more)
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), message="archived")
+        await wait_for(lambda: _through_is(redis_client, ids[-1]), message="through the last")
+    events += more
+    check_exactly_once(archive_objects_folder(folder), [orjson.dumps(e) for e in events])
+
+
+def _below(entry_id: str) -> str:
+    millis, sequence = map(int, entry_id.split("-"))
+    return "-".join(map(str, just_below((millis, sequence))))
+
+
+async def _archived_all_but(client: aioredis.Redis, count: int) -> bool:
+    return await group_pending(client, STREAM, ARCHIVER) == count and "*" in await marks(client)
+
+
+async def _pending_is(client: aioredis.Redis, count: int) -> bool:
+    return await group_pending(client, STREAM, ARCHIVER) == count
+
+
+async def _through_is(client: aioredis.Redis, entry_id: str) -> bool:
+    return (await marks(client)).get("*") == entry_id
