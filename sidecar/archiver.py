@@ -152,12 +152,15 @@ class S3TaskHistoryArchiver:
             raise
 
     def add(self, events: Sequence[ValidEvent]) -> None:
+        watermark = self.watermark
+        # Only after the group was re-created: one test per call, not per event, otherwise.
+        skip = watermark.archived if watermark is not None and watermark.redelivering else None
         for event in events:
             if event.entry_id in self._buffered_ids:
                 continue  # re-read after a lost connection: already buffered
             day = utc_day(event.occurred_at_ms)
             order = stream_order(event.entry_id)
-            if self.watermark is not None and self.watermark.archived(event.project, day, order):
+            if skip is not None and skip(event.project, day, order):
                 self._done.append(event.entry_id)  # re-delivered after the group was lost
                 self.metrics.archive_watermark_skipped.inc()
                 continue
@@ -167,8 +170,8 @@ class S3TaskHistoryArchiver:
             batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms, order))
             self._buffered_ids.add(event.entry_id)
             self._buffered_bytes += len(event.raw) + 1
-        if events and self.watermark is not None:
-            self.watermark.saw(stream_order(events[-1].entry_id))  # replies come in ID order
+        if events and watermark is not None:
+            watermark.saw(stream_order(events[-1].entry_id))  # replies come in ID order
 
     def seconds_until_due(self) -> float | None:
         if not self._batches:

@@ -54,7 +54,9 @@ MAX_SEQUENCE = (1 << 64) - 1
 
 # KEYS[1] the marks hash. ARGV[1] the through mark ('' leaves it), then field, ID pairs.
 # Moves each mark forward only, drops per-buffer fields at or below the through mark and
-# the redelivery bound once passed, and returns the whole hash. IDs are compared as
+# the redelivery bound once passed. Returns the whole hash while a re-created group may
+# re-deliver archived entries (every replica then learns the marks), else the through
+# mark alone. IDs are compared as
 # (milliseconds, sequence) numbers written in decimal: by length, then as strings (Lua
 # numbers are doubles and cannot hold a 64-bit sequence).
 ADVANCE_MARKS = """
@@ -83,16 +85,18 @@ for i = 2, #ARGV, 2 do
     end
   end
 end
-local all = redis.call('HGETALL', KEYS[1])
 if through then
+  local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
     if all[i] ~= '*' and not below(through, all[i + 1]) then
       redis.call('HDEL', KEYS[1], all[i])
     end
   end
-  all = redis.call('HGETALL', KEYS[1])
 end
-return all
+if redis.call('HMGET', KEYS[1], '*redelivery')[1] then
+  return redis.call('HGETALL', KEYS[1])
+end
+return through and {'*', through} or {}
 """
 
 Order = tuple[int, int]
@@ -158,6 +162,12 @@ class ArchiveWatermark:
         """The archiver was handed entries up to `order` (read, claimed or re-read)."""
         if order > self._seen:
             self._seen = order
+
+    @property
+    def redelivering(self) -> bool:
+        """True after the group was re-created, until the through mark passes what the
+        re-created group may deliver again (only then does `archived` say yes)."""
+        return self._redelivery is not None
 
     def archived(self, project: str, day: str, order: Order) -> bool:
         """True for a re-delivered entry the marks say is archived (after a re-creation)."""
