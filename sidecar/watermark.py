@@ -56,9 +56,8 @@ MAX_SEQUENCE = (1 << 64) - 1
 # Moves each mark forward only, drops per-buffer fields at or below the through mark and
 # the redelivery bound once passed. Returns the whole hash while a re-created group may
 # re-deliver archived entries (every replica then learns the marks), else the through
-# mark alone. IDs are compared as
-# (milliseconds, sequence) numbers written in decimal: by length, then as strings (Lua
-# numbers are doubles and cannot hold a 64-bit sequence).
+# mark alone. IDs are compared as (milliseconds, sequence) numbers written in decimal:
+# by length, then as strings (Lua numbers are doubles and cannot hold a 64-bit sequence).
 ADVANCE_MARKS = """
 local function parts(id)
   return string.match(id, '^(%d+)-(%d+)$')
