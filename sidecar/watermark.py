@@ -12,17 +12,26 @@ starts at the same first entry). So the archiver keeps, in the hash
   its oldest buffered entry (or the greatest entry it was handed, when nothing
   is buffered), capped below the oldest entry other consumers of the group hold
   pending, so it is true for the whole group, not only for this replica.
-- one field per buffer, `<owner>/<repo>/<YYYY-MM-DD>`: the greatest ID below
-  which every entry of that project and day this archiver read is archived.
-  Buffers flush at different times, so above the through mark some entries are
-  archived and some are not; these marks tell which. Fields at or below the
-  through mark say nothing more and are dropped, so the hash stays small.
+- one field per buffer, `<owner>/<repo>/<YYYY-MM-DD>`: every entry of that
+  project and day up to this ID that the group delivered is archived (the
+  ID just below the buffer's oldest entry, or its newest when it is empty,
+  capped like the through mark). Buffers flush at different times, so above
+  the through mark some entries are archived and some are not; these marks
+  tell which. Fields at or below the through mark say nothing more and are
+  dropped, so the hash stays small.
 - `*redelivery`, set only when the group was found missing: the greatest
   per-buffer mark at that moment. Up to it, re-delivered entries at or below
-  their buffer's mark are acknowledged without writing. It is not used in
-  normal operation, where a claimed entry of a dead replica may lie below
-  another replica's mark and must be written; it is dropped once the through
-  mark passes it.
+  their buffer's mark are acknowledged without writing; the per-event test
+  costs nothing in normal operation, when nothing archived is re-delivered.
+  It is dropped once the through mark passes it.
+
+Every mark is true for the whole group (the cap), never only for the replica
+that wrote it: a replica that died holding older entries cannot have them
+skipped. With one replica nothing caps the marks and a lost group costs
+nothing; with several, marks sit mostly at the through mark, and what was
+archived above it before the loss is re-delivered and found by the read-back
+where runs start at the same entry, else written twice (README, "Losing the
+archiver group").
 
 Marks are written after a flush that wrote or confirmed objects and before
 those entries are acknowledged: a lost acknowledgement only re-delivers
@@ -178,7 +187,8 @@ class ArchiveWatermark:
         return mark is not None and order <= mark
 
     def owe(self, project: str, day: str, mark: Order) -> None:
-        """Every entry of this buffer up to `mark` that the archiver read is archived."""
+        """Every entry of this buffer up to `mark` that this archiver read is archived
+        (`advance` caps it to hold for the whole group)."""
         name = buffer_field(project, day)
         if mark > self._owed.get(name, (0, 0)):
             self._owed[name] = mark
@@ -193,14 +203,19 @@ class ArchiveWatermark:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            # The group is gone: what other replicas held is unknown, so leave the
-            # through mark; the per-buffer marks are this archiver's own facts.
-            through_text = ""
-        else:
-            if others is not None:
-                through = min(through, just_below(others))
-            through_text = id_text(through)
-        await self._write(through_text, self._owed)
+            # The group is gone, and with it what other consumers held: no mark can be
+            # shown true for the whole group. These entries are found by the read-back
+            # (the re-created group delivers them from the start of their objects).
+            self._owed.clear()
+            return
+        marks = self._owed
+        if others is not None:
+            # Entries other consumers hold may be older and not archived: every mark
+            # stays below them, so it holds for the whole group, whoever read what.
+            cap = just_below(others)
+            through = min(through, cap)
+            marks = {name: min(mark, cap) for name, mark in marks.items()}
+        await self._write(id_text(through), marks)
         self._owed.clear()
 
     async def _others_oldest_pending(self) -> Order | None:
@@ -234,10 +249,10 @@ class ArchiveWatermark:
         if self._through is None:
             return None
         if not await self._group_exists():
-            bound = max([*self._marks.values(), *self._owed.values()], default=None)
-            extra = {REDELIVERY: bound} if bound is not None and bound > self._through else {}
-            await self._write("", self._owed | extra)
-            self._owed.clear()
+            self._owed.clear()  # not shown true for the lost group's other consumers
+            bound = max(self._marks.values(), default=None)
+            if bound is not None and bound > self._through:
+                await self._write("", {REDELIVERY: bound})
         return id_text(self._through)
 
     async def created(self, start_id: str | None) -> None:
