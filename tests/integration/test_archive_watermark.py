@@ -18,7 +18,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.watermark import ADVANCE_MARKS, MAX_SEQUENCE, just_below
+from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
+from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
+from sidecar.metrics import Metrics
+from sidecar.sinks import FolderSink
+from sidecar.watermark import ADVANCE_MARKS, MAX_SEQUENCE, ArchiveWatermark, just_below
 from tests.helpers import (
     ARCHIVER,
     PROJECTOR,
@@ -29,6 +33,7 @@ from tests.helpers import (
     group_done,
     group_pending,
     group_read_all,
+    group_unacked,
     publish,
     running_sidecar,
     wait_for,
@@ -309,3 +314,88 @@ async def test_entries_a_dead_replica_held_are_not_lost_with_the_group(
     missing, duplicated = wanted - lines, lines - wanted
     print(f"\nreplicas: lines={sum(lines.values())} duplicated={sum(duplicated.values())}")
     assert not missing, f"{sum(missing.values())} lost"
+
+
+class _GroupLosingSink:
+    """A folder sink that destroys the archiver group while an object is being written,
+    once armed: the group goes between the write and the marks that would cover it."""
+
+    def __init__(self, sink: FolderSink, client: aioredis.Redis) -> None:
+        self.sink = sink
+        self.client = client
+        self.description = sink.description
+        self.armed = False
+
+    async def create_if_absent(self, key: str, body: bytes) -> bool:
+        created = await self.sink.create_if_absent(key, body)
+        if self.armed:
+            self.armed = False
+            await self.client.xgroup_destroy(STREAM, ARCHIVER)
+        return created
+
+    async def read(self, key: str) -> bytes:
+        return await self.sink.read(key)
+
+    async def check(self) -> None:
+        await self.sink.check()
+
+
+async def test_group_lost_between_a_write_and_its_marks_is_found_by_the_read_back(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The marks of the objects written as the group went cannot be shown true for the
+    lost group: they are not written, and the re-created group re-delivers those entries
+    from the start of their objects, where the read-back finds them."""
+    folder = tmp_path / "archive"
+    sink = _GroupLosingSink(FolderSink(folder), redis_client)
+    metrics = Metrics()
+    watermark = ArchiveWatermark(
+        redis_client, metrics, stream=STREAM, group=ARCHIVER, consumer="pod-a"
+    )
+    archiver = S3TaskHistoryArchiver(
+        sink,  # type: ignore[arg-type]
+        metrics,
+        stream=STREAM,
+        prefix="task-tracking",
+        policy=FlushPolicy(max_events=20, max_age_seconds=3600),
+        group=ARCHIVER,
+        watermark=watermark,
+    )
+    runner = ConsumerGroupRunner(
+        redis_client,
+        stream=STREAM,
+        group=ARCHIVER,
+        consumer="pod-a",
+        handler=archiver,
+        metrics=metrics,
+        options=RunnerOptions(block_ms=100, dead_letter=False),
+        worker="archiver",
+    )
+    events = [event(f"w{n}", "success", T0 + n, project=f"org{n % 3}/repo") for n in range(300)]
+    task = asyncio.create_task(runner.run())
+    try:
+        await publish(redis_client, STREAM, events[:120])  # 2 objects of 20 per project
+        await wait_for(lambda: _group_read_count(redis_client, 120), message="read")
+        await wait_for(lambda: _unacked_is(redis_client, 0), message="first objects")
+        assert "*" in await marks(redis_client)
+        sink.armed = True
+        await publish(redis_client, STREAM, events[120:])
+        await wait_for(lambda: metrics.group_recreated.labels(ARCHIVER)._value.get() == 1)
+        await wait_for(lambda: _unacked_is(redis_client, 0), message="archived")
+    finally:
+        await runner.stop()
+        await task
+    figures = check_exactly_once(archive_objects_folder(folder), [orjson.dumps(e) for e in events])
+    assert figures["lines"] == 300
+    assert metrics.archive_already_present._value.get() >= 1  # the read-back found them
+
+
+async def _group_read_count(client: aioredis.Redis, count: int) -> bool:
+    for info in await client.xinfo_groups(STREAM):
+        if info["name"] == ARCHIVER.encode():
+            return int(info["entries-read"] or 0) >= count
+    return False
+
+
+async def _unacked_is(client: aioredis.Redis, count: int) -> bool:
+    return await group_unacked(client, STREAM, ARCHIVER) == count
