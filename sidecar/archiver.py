@@ -13,6 +13,11 @@ rules (README, "Guarantees"):
    a sequence of such runs: buffers are flushed in stream order, and pending
    lists (own on start and after any failure, a dead consumer's on claim) are
    settled whole, apart from the consumer's own buffer.
+
+These rules need the group's pending list. When the group itself is lost, the
+watermark (sidecar.watermark), moved after each flush and before its
+acknowledgements, says where to re-create it and which re-delivered entries
+are archived already.
 """
 
 from __future__ import annotations
