@@ -22,6 +22,7 @@ from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver, object_key
 from sidecar.devserver import DevServer, free_port
 from sidecar.events import ValidEvent, decode_entry
 from sidecar.sinks import S3Sink, s3_client_context
+from sidecar.watermark import ArchiveWatermark
 
 NAIVE_EVENTS = 10_000  # the naive baseline drains a sample: its rate, not its total, is compared
 
@@ -184,9 +185,18 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             await client.create_bucket(Bucket="bench")
             sink = S3Sink(client, "bench")
 
-            def make(_redis: object, metrics: Any) -> S3TaskHistoryArchiver:
+            def make(redis: Any, metrics: Any) -> S3TaskHistoryArchiver:
+                # With its watermark, as the sidecar runs it (marks written at each flush).
+                watermark = ArchiveWatermark(
+                    redis, metrics, stream=STREAM, group=ARCHIVER_GROUP, consumer="bench"
+                )
                 return S3TaskHistoryArchiver(
-                    sink, metrics, stream=STREAM, prefix="bench", policy=FlushPolicy()
+                    sink,
+                    metrics,
+                    stream=STREAM,
+                    prefix="bench",
+                    policy=FlushPolicy(),
+                    watermark=watermark,
                 )
 
             seconds, _ = await run_worker(

@@ -26,6 +26,7 @@ from sidecar.config import Settings
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.metrics import Metrics
 from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError, s3_client_context
+from sidecar.watermark import ArchiveWatermark
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,13 @@ class ArchiveSwitch:
             prefix=target.prefix,
             policy=target.policy,
             group=group,
+            watermark=ArchiveWatermark(
+                self.redis,
+                self.metrics,
+                stream=settings.redis_stream_key,
+                group=group,
+                consumer=settings.redis_consumer_name,
+            ),
         )
         self.runner = ConsumerGroupRunner(
             self.redis,

@@ -13,6 +13,11 @@ rules (README, "Guarantees"):
    a sequence of such runs: buffers are flushed in stream order, and pending
    lists (own on start and after any failure, a dead consumer's on claim) are
    settled whole, apart from the consumer's own buffer.
+
+These rules need the group's pending list. When the group itself is lost, the
+watermark (sidecar.watermark), moved after each flush and before its
+acknowledgements, says where to re-create it and which re-delivered entries
+are archived already.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from sidecar.consumer import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError
+from sidecar.watermark import NO_ENTRY, ArchiveWatermark, just_below
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +83,13 @@ class ArchiveBatch:
     started: float = field(default_factory=time.monotonic)
     events: list[ArchiveEntry] = field(default_factory=list)
     size: int = 0
+    oldest: tuple[int, int] = NO_ENTRY  # the smallest entry ID in `events` (watermark)
 
     def add(self, event: ArchiveEntry) -> None:
         self.events.append(event)
         self.size += len(event.raw) + 1
+        if event.order < self.oldest:
+            self.oldest = event.order
 
 
 MS_PER_DAY = 86_400_000
@@ -121,6 +130,7 @@ class S3TaskHistoryArchiver:
         prefix: str,
         policy: FlushPolicy,
         group: str = "task-history-archiver",
+        watermark: ArchiveWatermark | None = None,
     ) -> None:
         self.sink = sink
         self.metrics = metrics
@@ -128,6 +138,9 @@ class S3TaskHistoryArchiver:
         self.prefix = prefix
         self.policy = policy
         self.group = group
+        # How far it archived (sidecar.watermark); the runner asks it where a lost group
+        # is re-created (`group_start`).
+        self.watermark = self.group_start = watermark
         self._batches: dict[tuple[str, str], ArchiveBatch] = {}
         self._buffered_ids: set[str] = set()
         self._buffered_bytes = 0
@@ -144,17 +157,26 @@ class S3TaskHistoryArchiver:
             raise
 
     def add(self, events: Sequence[ValidEvent]) -> None:
+        watermark = self.watermark
+        # Only after the group was re-created: one test per call, not per event, otherwise.
+        skip = watermark.archived if watermark is not None and watermark.redelivering else None
         for event in events:
             if event.entry_id in self._buffered_ids:
                 continue  # re-read after a lost connection: already buffered
             day = utc_day(event.occurred_at_ms)
+            order = stream_order(event.entry_id)
+            if skip is not None and skip(event.project, day, order):
+                self._done.append(event.entry_id)  # re-delivered after the group was lost
+                self.metrics.archive_watermark_skipped.inc()
+                continue
             batch = self._batches.get((event.project, day))
             if batch is None:
                 batch = self._batches[event.project, day] = ArchiveBatch(event.project, day)
-            order = stream_order(event.entry_id)
             batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms, order))
             self._buffered_ids.add(event.entry_id)
             self._buffered_bytes += len(event.raw) + 1
+        if events and watermark is not None:
+            watermark.saw(stream_order(events[-1].entry_id))  # replies come in ID order
 
     def seconds_until_due(self) -> float | None:
         if not self._batches:
@@ -184,7 +206,11 @@ class S3TaskHistoryArchiver:
 
         async def write(batch: ArchiveBatch, complete: bool) -> None:
             async with slots:
-                await self._write(batch, complete=complete)
+                newest = max((event.order for event in batch.events), default=(0, 0))
+                try:
+                    await self._write(batch, complete=complete)
+                finally:
+                    self._owe_mark(batch, newest)
 
         outcomes = await asyncio.gather(*(write(*each) for each in due), return_exceptions=True)
         for batch, _ in due:
@@ -193,8 +219,21 @@ class S3TaskHistoryArchiver:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        if self._done and self.watermark is not None:
+            # Marks first, then the runner's XACK: a lost acknowledgement only re-delivers
+            # entries the marks cover.
+            oldest = min((batch.oldest for batch in self._batches.values()), default=None)
+            await self.watermark.advance(oldest)
         done, self._done = self._done, []
         return done
+
+    def _owe_mark(self, batch: ArchiveBatch, newest: tuple[int, int]) -> None:
+        """After a write: the buffer's mark is just below its oldest entry left, or its
+        newest entry when none is left (written in stream order, so all below are)."""
+        batch.oldest = min((event.order for event in batch.events), default=NO_ENTRY)
+        if self.watermark is not None:
+            mark = just_below(batch.oldest) if batch.events else newest
+            self.watermark.owe(batch.project, batch.day, mark)
 
     def _full(self, batch: ArchiveBatch) -> bool:
         return len(batch.events) >= self.policy.max_events or batch.size >= self.policy.max_bytes

@@ -77,15 +77,16 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
 # the sidecar and its client commands do, and no more: stream keys `task-events:*`, the
 # projection `task-tracking:*`. Commands a Lua script calls are checked too (HMGET, DEL,
 # HSET, EXPIRE, ZADD by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
-# consumer removal). MULTI/EXEC wrap dead-lettering on a standalone server; COMMAND and
-# CLUSTER SLOTS/SHARDS are what the cluster client needs to find nodes and key slots.
+# consumer removal; HMGET, HSET, HDEL, HGETALL by the archive watermark). MULTI/EXEC wrap
+# dead-lettering on a standalone server; COMMAND and CLUSTER SLOTS/SHARDS are what the
+# cluster client needs to find nodes and key slots.
 LEAST_PRIVILEGE_ACL = (
     "resetkeys ~task-events:* ~task-tracking:* resetchannels -@all"
     " +ping +multi +exec +discard"
     " +xreadgroup +xread +xack +xadd +xclaim +xpending +xlen +xrange +xrevrange +xtrim"
     " +xinfo|stream +xinfo|groups +xinfo|consumers"
     " +xgroup|create +xgroup|delconsumer +xgroup|setid"
-    " +evalsha +eval +script|load +hmget +hset +del +expire +hgetall"
+    " +evalsha +eval +script|load +hmget +hset +hdel +del +expire +hgetall"
     " +zadd +zrevrange +zremrangebyscore +zremrangebyrank +scan"
     " +command +cluster|slots +cluster|shards"
 )

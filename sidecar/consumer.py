@@ -166,6 +166,17 @@ class BatchHandler(Protocol):
         """Events the last flushes gave up on (to be dead-lettered), emptying the list."""
 
 
+class GroupStart(Protocol):
+    """Optional, as a handler's `group_start`: where its group starts when the runner
+    has to create it (the archiver: at its watermark, sidecar.watermark)."""
+
+    async def start_id(self) -> str | None:
+        """The ID to create the group at; None: the stream's start."""
+
+    async def created(self, start_id: str | None) -> None:
+        """The runner just created the group there (log it, count it)."""
+
+
 @dataclass
 class Batch:
     """Entries read in one call, decoded."""
@@ -333,7 +344,10 @@ class ConsumerGroupRunner:
     def _mark_not_ready(self, exc: Exception) -> None:
         failure = str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
         if failure != self.failure:  # log a failure once, not at every retry
-            if isinstance(exc, WorkerError):
+            if isinstance(exc, ResponseError) and "NOGROUP" in failure:
+                # The group was lost; ensure_group logs its re-creation as a warning.
+                self._log.info("consumer group gone (%s); creating it again", failure)
+            elif isinstance(exc, WorkerError):
                 self._log.error("%s; retrying with backoff", failure)
             elif isinstance(exc, TRANSIENT):
                 self._log.warning("Redis unavailable, retrying with backoff: %s", failure)
@@ -348,13 +362,20 @@ class ConsumerGroupRunner:
     # ---- reading ---------------------------------------------------------
 
     async def ensure_group(self) -> None:
-        """Create the stream and the group (from the stream's start) unless they exist."""
+        """Create the stream and the group unless they exist: from the stream's start, or
+        where the handler's `group_start` says (also when the group was lost mid-run)."""
+        hook: GroupStart | None = getattr(self.handler, "group_start", None)
+        start = await hook.start_id() if hook is not None else None
         try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            self._log.info("created consumer group %s on %s", self.group, self.stream)
+            await self.redis.xgroup_create(self.stream, self.group, id=start or "0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            return
+        if hook is not None:
+            await hook.created(start)
+        else:
+            self._log.info("created consumer group %s on %s", self.group, self.stream)
 
     async def _recover_own_pending(self) -> None:
         """Re-read this consumer's whole pending list and settle it as one batch (on

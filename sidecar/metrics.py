@@ -172,6 +172,11 @@ class Metrics:
             "task_tracking_archive_already_present",
             "Writes found already done by an earlier attempt (exactly-once recovery).",
         )
+        self.archive_watermark_skipped = counter(
+            "task_tracking_archive_watermark_skipped",
+            "Re-delivered entries acknowledged without writing: the archive watermark covers"
+            " them (after the archiver group was re-created).",
+        )
         self.archive_enabled = gauge(
             "task_tracking_archive_enabled",
             "1 while archival is on, by target bucket (or folder).",
@@ -182,6 +187,11 @@ class Metrics:
             "metadata.generation of the TaskTracking resource last applied (0: none).",
         )
 
+        self.group_recreated = counter(
+            "task_tracking_consumer_group_recreated",
+            "Consumer groups found missing and re-created at the archive watermark.",
+            ("group",),
+        )
         self.redis_connected = gauge(
             "task_tracking_redis_connected",
             "1 while the worker's Redis connection works.",

@@ -243,3 +243,26 @@ async def test_retention_and_the_least_privilege_user_work_on_the_cluster(
         with node.client() as admin:
             assert acl_refusals(admin) == [], node.port
             admin.execute_command("ACL", "DELUSER", ACL_USER)
+
+
+async def test_archiver_group_lost_on_a_cluster_is_re_created_at_the_watermark(
+    cluster: RedisClusterServers, client: RedisCluster, tmp_path: Path
+) -> None:
+    """The stream and `<stream>:archived` on different masters: marks, then XACK."""
+    folder = tmp_path / "archive"
+    first = spread_events(100, projects=5)
+    await publish(client, STREAM, first)
+    async with running_sidecar(cluster.url, **archive_settings(folder)):
+        await wait_for(lambda: all_done(client), message="both groups done")
+    streams = cluster.keys_per_node("task-events:*")
+    on = {key: port for port, keys in streams.items() for key in keys}
+    assert on[STREAM.encode()] != on[f"{STREAM}:archived".encode()], "needs two masters"
+    ids = [entry_id.decode() for entry_id, _ in await client.xrange(STREAM)]
+    await client.xtrim(STREAM, minid=ids[len(ids) // 2])  # the stream now starts mid-object
+    await client.xgroup_destroy(STREAM, ARCHIVER)
+    second = spread_events(30, projects=3)
+    await publish(client, STREAM, second)
+    async with running_sidecar(cluster.url, **archive_settings(folder)) as sidecar:
+        await wait_for(lambda: all_done(client), message="both groups done")
+        assert sidecar.metrics.group_recreated.labels(ARCHIVER)._value.get() == 1
+    check_exactly_once(archive_objects_folder(folder), [orjson.dumps(e) for e in first + second])
