@@ -341,6 +341,8 @@ class ResourceWatch:
             "bucket": state.bucket if state else None,
             "prefix": state.prefix if state else None,
             "lastError": self._error or "",
+            # enforced | check_before_write (sidecar.conditional_writes); absent when unknown
+            "conditionalWrites": state.conditional_writes if state else None,
         }
         entry = self._entry
         if entry is None or {k: v for k, v in entry.items() if k != "updatedAt"} != content:
