@@ -193,6 +193,7 @@ class ArchiveSwitch:
             while True:
                 request = await self._requests.get()
                 if request.target is None:
+                    await self._stop_runner()  # close() returns once the archiver stopped
                     request.reply.set_result(None)
                     return
                 try:
