@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -175,6 +176,7 @@ class ArchiveSwitch:
         self._task: asyncio.Task[None] | None = None
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
         self.stop_give_up_seconds = STOP_GIVE_UP_SECONDS
+        self._closing = asyncio.Event()
 
     async def apply(self, target: ArchiveTarget, *, check: bool = True) -> str | None:
         """Switch to `target`; returns None, or why the target was refused.
@@ -207,7 +209,9 @@ class ArchiveSwitch:
             await self._stop_runner()
 
     async def close(self) -> None:
-        """Flush and stop the archiver, then end the supervisor."""
+        """Flush and stop the archiver, then end the supervisor. A switch whose check
+        still waits on its target (S3 hangs) is abandoned: it would hold up the stop."""
+        self._closing.set()
         reply: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         await self._requests.put(_Request(None, False, reply))
         await reply
@@ -244,7 +248,7 @@ class ArchiveSwitch:
             try:
                 archiver = self._archiver(target, await self._sink(target))
                 if check:  # the bucket, and how conditional writes are made there
-                    await archiver.prepare()
+                    await self._unless_closing(archiver.prepare(), target)
             except SinkError as exc:
                 self.last_error = str(exc)
                 if not check:  # the environment's own target: on, failing, visible in /readyz
@@ -279,6 +283,22 @@ class ArchiveSwitch:
             clear_conditional_writes(self.metrics)
             log.info("archival off", extra={"worker": "archiver"})
         return None
+
+    async def _unless_closing(
+        self, check: Coroutine[Any, Any, None], target: ArchiveTarget
+    ) -> None:
+        """Run a target's check, unless `close()` comes first (then raise `SinkError`)."""
+        checking = asyncio.ensure_future(check)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({checking, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not checking.done():
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
+            raise SinkError(f"{target.label}: check abandoned, the sidecar is stopping", "stopping")
+        checking.result()
 
     async def _report_gaps(self) -> None:
         """Say what was trimmed unarchived while archival was off (sidecar.retention)."""

@@ -14,7 +14,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,11 @@ NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 # flight for minutes, silently, and no SIGTERM could finish within its 10 s budget.
 S3_CONNECT_TIMEOUT_SECONDS = 5.0
 S3_READ_TIMEOUT_SECONDS = 10.0
+# aiohttp waits for the "100 Continue" botocore asks for before a PUT's body with no
+# timeout at all, so a server that accepts and never answers would hold a PUT forever:
+# each PUT has a deadline of its own, both timeouts plus its body at this slow rate.
+# (/readyz names any call in flight longer than the read timeout before that.)
+SLOWEST_UPLOAD_BYTES_PER_SECOND = 1024 * 1024
 S3_CLIENT_CONFIG = Config(
     retries={"total_max_attempts": 2, "mode": "standard"},
     connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
@@ -120,15 +125,15 @@ class S3Sink:
     async def create_if_absent(self, key: str, body: bytes) -> bool:
         if self.check_before_write and await self._exists(key):
             return False  # the archiver reads it back and compares, as after a 412
+        put = self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=body,
+            IfNoneMatch="*",  # kept in check-before-write mode: harmless where ignored
+            ContentType="application/x-ndjson",
+        )
         try:
-            with self._call("PUT"):
-                await self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=body,
-                    IfNoneMatch="*",  # kept in check-before-write mode: harmless where ignored
-                    ContentType="application/x-ndjson",
-                )
+            await self._put(put, len(body))
         except SinkError as exc:
             if exc.reason in PRECONDITION_FAILED:
                 return False
@@ -177,11 +182,11 @@ class S3Sink:
         await self.delete(key)
         refused = False
         for _ in range(2):
+            put = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=b"probe\n", IfNoneMatch="*"
+            )
             try:
-                with self._call("PUT"):
-                    await self.client.put_object(
-                        Bucket=self.bucket, Key=key, Body=b"probe\n", IfNoneMatch="*"
-                    )
+                await self._put(put, 6)
             except SinkError as exc:
                 if exc.reason not in REFUSED_CREATE:
                     raise
@@ -194,8 +199,14 @@ class S3Sink:
         now = time.monotonic()
         for operation, started in list(self._in_flight.values()):
             if now - started > self.read_timeout:
-                return f"{self.description}: {operation} timed out after {self.read_timeout:g} s"
+                return f"{self.description}: {operation} timed out after {self.read_timeout:.0f} s"
         return None
+
+    async def _put(self, put: Awaitable[Any], size: int) -> None:
+        seconds = S3_CONNECT_TIMEOUT_SECONDS + self.read_timeout
+        seconds += size / SLOWEST_UPLOAD_BYTES_PER_SECOND
+        with self._call("PUT", seconds):
+            await asyncio.wait_for(put, seconds)
 
     async def _exists(self, key: str) -> bool:
         try:
@@ -208,14 +219,18 @@ class S3Sink:
         return True
 
     @contextlib.contextmanager
-    def _call(self, operation: str) -> Iterator[None]:
+    def _call(self, operation: str, seconds: float | None = None) -> Iterator[None]:
         """One S3 call: tracked while in flight (for `stalled`), its errors as `SinkError`."""
         call = object()
+        seconds = self.read_timeout if seconds is None else seconds
         self._in_flight[call] = (operation, time.monotonic())
         try:
             yield
+        except TimeoutError as exc:  # the call's own deadline (`_put`)
+            message = f"{self.description}: {operation} timed out after {seconds:.0f} s"
+            raise SinkError(message, "timeout") from exc
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise _sink_error(exc, self.bucket, operation, self.read_timeout) from exc
+            raise _sink_error(exc, self.bucket, operation, seconds) from exc
         finally:
             del self._in_flight[call]
 
@@ -228,7 +243,7 @@ def _sink_error(
     exc: Exception, bucket: str, operation: str, read_timeout: float = S3_READ_TIMEOUT_SECONDS
 ) -> SinkError:
     if isinstance(exc, ReadTimeoutError):
-        message = f"s3://{bucket}: {operation} timed out after {read_timeout:g} s"
+        message = f"s3://{bucket}: {operation} timed out after {read_timeout:.0f} s"
         return SinkError(message, "timeout")
     if isinstance(exc, ConnectTimeoutError):
         return SinkError(
