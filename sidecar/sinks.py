@@ -121,6 +121,9 @@ class S3Sink:
         self.read_timeout = read_timeout
         self.check_before_write = False
         self._in_flight: dict[object, tuple[str, float]] = {}  # call -> (operation, started)
+        # The last call that timed out, until the server answers again: between one hung
+        # call failing and the next one becoming overdue, /readyz must not turn green.
+        self._timed_out: str | None = None
 
     async def create_if_absent(self, key: str, body: bytes) -> bool:
         if self.check_before_write and await self._exists(key):
@@ -200,7 +203,7 @@ class S3Sink:
         for operation, started in list(self._in_flight.values()):
             if now - started > self.read_timeout:
                 return f"{self.description}: {operation} timed out after {self.read_timeout:.0f} s"
-        return None
+        return self._timed_out
 
     async def _put(self, put: Awaitable[Any], size: int) -> None:
         seconds = S3_CONNECT_TIMEOUT_SECONDS + self.read_timeout
@@ -228,9 +231,17 @@ class S3Sink:
             yield
         except TimeoutError as exc:  # the call's own deadline (`_put`)
             message = f"{self.description}: {operation} timed out after {seconds:.0f} s"
+            self._timed_out = message
             raise SinkError(message, "timeout") from exc
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise _sink_error(exc, self.bucket, operation, seconds) from exc
+            error = _sink_error(exc, self.bucket, operation, seconds)
+            if error.reason == "timeout":
+                self._timed_out = str(error)
+            elif isinstance(exc, ClientError):  # an answer, if not the one wanted
+                self._timed_out = None
+            raise error from exc
+        else:
+            self._timed_out = None
         finally:
             del self._in_flight[call]
 

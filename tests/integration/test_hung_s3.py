@@ -63,4 +63,7 @@ async def test_a_call_that_hangs_is_one_line_naming_it_and_shows_while_in_flight
             await put  # its own deadline: connect 5 s + read 1 s (aiohttp never gives up)
         assert error.value.reason == "timeout"
         assert str(error.value) == f"s3://{BUCKET}: PUT timed out after 6 s"
+        assert sink.stalled() == str(error.value)  # until the server answers again
+        hung_proxy.set_hanging(False)
+        assert await sink.create_if_absent("k", b"x\n") is True
         assert sink.stalled() is None
