@@ -235,10 +235,9 @@ class S3Sink:
             raise SinkError(message, "timeout") from exc
         except (ClientError, BotoCoreError, OSError) as exc:
             error = _sink_error(exc, self.bucket, operation, seconds)
-            if error.reason == "timeout":
-                self._timed_out = str(error)
-            elif isinstance(exc, ClientError):  # an answer, if not the one wanted
-                self._timed_out = None
+            # Another failure (refused, reset, an error reply) is not a hang: the runner
+            # reports it.
+            self._timed_out = str(error) if error.reason == "timeout" else None
             raise error from exc
         else:
             self._timed_out = None
