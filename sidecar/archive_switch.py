@@ -248,7 +248,7 @@ class ArchiveSwitch:
             try:
                 archiver = self._archiver(target, await self._sink(target))
                 if check:  # the bucket, and how conditional writes are made there
-                    await self._unless_closing(archiver.prepare(), target)
+                    await self._unless_closing(archiver.check_target(), target)
             except SinkError as exc:
                 self.last_error = str(exc)
                 if not check:  # the environment's own target: on, failing, visible in /readyz
@@ -368,8 +368,8 @@ class ArchiveSwitch:
         await self.runner.stop()
         done, _ = await asyncio.wait({self._task}, timeout=self.stop_give_up_seconds)
         if not done:
-            # Its uploads hang (each S3 call may take 2 x 10 s): cancel them. Nothing it
-            # holds is acknowledged, so it all stays pending and is written again later.
+            # Its uploads hang (a PUT may take 15 s, other calls 2 x 10 s): cancel them.
+            # Nothing it holds is acknowledged, so it all stays pending, written later.
             log.warning(
                 "archiver could not finish writing within %.0f s (%s); giving up:"
                 " %d buffered entries stay pending and are written after the restart",

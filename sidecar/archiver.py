@@ -147,21 +147,25 @@ class S3TaskHistoryArchiver:
         return []  # the archiver acknowledges what it cannot use; it rejects nothing
 
     async def prepare(self) -> None:
-        """Check the target, and once per target settle how conditional writes are made
-        (probed or set; sidecar.conditional_writes) before anything is written."""
+        """`check_target`, counting its failures (the runner calls it before reading)."""
         try:
-            await self.sink.check()
-            if self.write_mode is None:
-                self.write_mode = await settle_conditional_writes(
-                    self.sink,
-                    self.metrics,
-                    setting=self.conditional_writes_setting,
-                    prefix=self.prefix,
-                    consumer=self.consumer,
-                )
+            await self.check_target()
         except SinkError as exc:
             self.metrics.archive_failures.labels(exc.reason).inc()
             raise
+
+    async def check_target(self) -> None:
+        """Check the target, and once per target settle how conditional writes are made
+        (probed or set; sidecar.conditional_writes) before anything is written."""
+        await self.sink.check()
+        if self.write_mode is None:
+            self.write_mode = await settle_conditional_writes(
+                self.sink,
+                self.metrics,
+                setting=self.conditional_writes_setting,
+                prefix=self.prefix,
+                consumer=self.consumer,
+            )
 
     def add(self, events: Sequence[ValidEvent]) -> None:
         for event in events:
