@@ -162,7 +162,10 @@ async def test_never_answering_s3_for_30_s_with_a_sigterm_in_the_middle(
         print(f"\nSIGTERM while S3 hangs: exited {code} after {exit_seconds:.2f} s")
         assert exit_seconds < SIGTERM_BUDGET_SECONDS, process.log()
         assert code == 0, process.log()
-        assert "giving up" in process.log()
+        # Either its uploads were still hanging and stopping gave up on them, or the last
+        # one reached its own deadline first (a PUT's is 15 s): both leave entries pending.
+        log = process.log()
+        assert "giving up" in log or "PUT timed out after 15 s" in log, log
 
         process.start()  # still hung: it waits, not ready, until S3 answers again
         await asyncio.sleep(max(0.0, hung_at + 30 - time.monotonic()))
