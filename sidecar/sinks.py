@@ -47,12 +47,13 @@ PRECONDITION_FAILED = ("PreconditionFailed", "412")
 REFUSED_CREATE = (*PRECONDITION_FAILED, "ConditionalRequestConflict", "409")
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 
-# Every S3 call: an archive object (8 MiB at most) is answered in well under a second by
-# S3 or MinIO, so a server silent for 10 s is hung, not slow. botocore retries a failed
-# call once ("standard" mode: 5xx, throttling, timeouts; one retry covers a dead keep-alive
-# connection); beyond that the runner retries the whole flush with capped backoff, and
-# /readyz names the hang meanwhile. The former 5 attempts of 30 s kept one hung PUT in
-# flight for minutes, silently, and no SIGTERM could finish within its 10 s budget.
+# Every S3 call: a PUT of an archive object (8 MiB by default) is answered in well under
+# a second by S3 or MinIO once its body is sent, so a server silent for 10 s is hung, not
+# slow. botocore retries a failed call once ("standard" mode: 5xx, throttling, timeouts;
+# one retry covers a dead keep-alive connection); beyond that the runner retries the whole
+# flush with capped backoff, and /readyz names the hang meanwhile. The former 5 attempts
+# of 30 s kept one hung PUT in flight for minutes, silently, and no SIGTERM could finish
+# within its 10 s budget.
 S3_CONNECT_TIMEOUT_SECONDS = 5.0
 S3_READ_TIMEOUT_SECONDS = 10.0
 # aiohttp waits for the "100 Continue" botocore asks for before a PUT's body with no
@@ -102,7 +103,8 @@ class ArchiveSink(Protocol):
         """Create `key` twice, then delete it: True if the second create was refused."""
 
     def stalled(self) -> str | None:
-        """Why a call in flight is overdue (for /readyz), or None."""
+        """Why the target looks hung (for /readyz): a call in flight past the read timeout,
+        or the last call timed out and none was answered since. Else None."""
 
 
 class S3Sink:
