@@ -174,6 +174,9 @@ class Sidecar:
             namespace=self.settings.pod_namespace,
             pod_name=self.settings.redis_consumer_name,
             on_generation=self.metrics.resource_generation.set,
+            conditional_writes=lambda: (
+                self.archive.conditional_writes if self.archive.target.enabled else None
+            ),
         )
         self._spawn("watch", self.watch.run)
 
