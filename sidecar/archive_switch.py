@@ -3,7 +3,9 @@
 One long-lived supervisor task owns the archiver's runner; callers (start-up,
 the custom-resource watch, tests) send it an `ArchiveTarget` and wait for the
 answer. Stopping an archiver flushes its buffers and acknowledges them before
-the next one starts, so a switch neither loses nor duplicates events. Worker
+the next one starts, so a switch neither loses nor duplicates events; an archiver
+that cannot finish in time (S3 hangs) is given up on, and what it had not written
+stays pending for the next one (or the restarted process) to write, exactly once. Worker
 tasks are created by the supervisor, never from a kopf handler, so kopf's
 shutdown (which cancels tasks created after it started) cannot cut a flush.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +25,11 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
+from sidecar.conditional_writes import (
+    ConditionalWrites,
+    ConditionalWritesSetting,
+    clear_conditional_writes,
+)
 from sidecar.config import Settings
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.metrics import Metrics
@@ -29,6 +37,12 @@ from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError, s3_client_
 from sidecar.watermark import ArchiveWatermark
 
 log = logging.getLogger(__name__)
+
+# How long stopping an archiver waits for its uploads in flight and its final flush
+# before giving up on them: the process has 10 s from SIGTERM to exit, and S3 calls time
+# out only after 10 s. What it gives up on is unacknowledged, so it stays pending and is
+# written after the restart (the key scheme and the read-back make that exactly once).
+STOP_GIVE_UP_SECONDS = 6.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class ArchiveState:
     bucket: str | None
     prefix: str | None
     last_error: str | None
+    conditional_writes: ConditionalWrites | None = None  # None: not archiving, or not known yet
 
 
 class ArchiveControl(Protocol):
@@ -89,6 +104,7 @@ class ArchiveTarget:
     region: str | None = None
     endpoint_url: str | None = None
     policy: FlushPolicy = field(default_factory=FlushPolicy)
+    conditional_writes: ConditionalWritesSetting = "auto"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ArchiveTarget:
@@ -105,6 +121,7 @@ class ArchiveTarget:
                 max_bytes=settings.archive_flush_max_bytes,
                 max_age_seconds=settings.archive_flush_max_age_seconds,
             ),
+            conditional_writes=settings.archive_conditional_writes,
         )
 
     @property
@@ -159,12 +176,15 @@ class ArchiveSwitch:
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+        self.stop_give_up_seconds = STOP_GIVE_UP_SECONDS
+        self._closing = asyncio.Event()
 
     async def apply(self, target: ArchiveTarget, *, check: bool = True) -> str | None:
         """Switch to `target`; returns None, or why the target was refused.
 
         With `check`, an enabled target must pass a write check first (bucket
-        exists, access allowed); when it does not, the current archiver stays.
+        exists, access allowed, conditional writes probed); when it does not, the
+        current archiver stays.
         """
         reply: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         await self._requests.put(_Request(target, check, reply))
@@ -176,6 +196,7 @@ class ArchiveSwitch:
             while True:
                 request = await self._requests.get()
                 if request.target is None:
+                    await self._stop_runner()  # close() returns once the archiver stopped
                     request.reply.set_result(None)
                     return
                 try:
@@ -189,7 +210,9 @@ class ArchiveSwitch:
             await self._stop_runner()
 
     async def close(self) -> None:
-        """Flush and stop the archiver, then end the supervisor."""
+        """Flush and stop the archiver, then end the supervisor. A switch whose check
+        still waits on its target (S3 hangs) is abandoned: it would hold up the stop."""
+        self._closing.set()
         reply: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         await self._requests.put(_Request(None, False, reply))
         await reply
@@ -202,9 +225,17 @@ class ArchiveSwitch:
             return self.last_error or "archival is on but no archiver runs"
         if self._task is not None and self._task.done():
             return "archiver task ended unexpectedly"
+        stalled = self.archiver.sink.stalled() if self.archiver is not None else None
+        if stalled is not None:  # a call in flight past its timeout: hung, not slow
+            return stalled
         if not self.runner.ready.is_set():
             return self.runner.failure or "archiver not ready yet"
         return None
+
+    @property
+    def conditional_writes(self) -> ConditionalWrites | None:
+        """How the running archiver makes its creates conditional; None until settled."""
+        return self.archiver.write_mode if self.archiver is not None else None
 
     def worker_ended(self) -> bool:
         """True when the archiver's task ended while it should be running (liveness)."""
@@ -213,12 +244,12 @@ class ArchiveSwitch:
     async def _switch(self, target: ArchiveTarget, *, check: bool) -> str | None:
         if target == self.target and (self.runner is not None or not target.enabled):
             return None
-        sink = None
+        archiver = None
         if target.enabled:
             try:
-                sink = await self._sink(target)
-                if check:
-                    await sink.check()
+                archiver = self._archiver(target, await self._sink(target))
+                if check:  # the bucket, and how conditional writes are made there
+                    await self._unless_closing(archiver.check_target(), target)
             except SinkError as exc:
                 self.last_error = str(exc)
                 if not check:  # the environment's own target: on, failing, visible in /readyz
@@ -234,14 +265,14 @@ class ArchiveSwitch:
         self.metrics.archive_enabled.clear()
         self.target = target
         self.last_error = None
-        if sink is not None:
+        if archiver is not None:
             with contextlib.suppress(RedisError):  # Redis away: reported at the next switch
                 await self._report_gaps()
-            await self._start_runner(target, sink)
+            await self._start_runner(archiver)
             self.metrics.archive_enabled.labels(target.label).set(1)
             log.info(
                 "archival on: %s prefix %s (flush at %d events, %d bytes or %.0f s)",
-                sink.description,
+                archiver.sink.description,
                 target.prefix,
                 target.policy.max_events,
                 target.policy.max_bytes,
@@ -250,8 +281,25 @@ class ArchiveSwitch:
             )
         else:
             self.metrics.archive_enabled.labels("").set(0)
+            clear_conditional_writes(self.metrics)
             log.info("archival off", extra={"worker": "archiver"})
         return None
+
+    async def _unless_closing(
+        self, check: Coroutine[Any, Any, None], target: ArchiveTarget
+    ) -> None:
+        """Run a target's check, unless `close()` comes first (then raise `SinkError`)."""
+        checking = asyncio.ensure_future(check)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({checking, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not checking.done():
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
+            raise SinkError(f"{target.label}: check abandoned, the sidecar is stopping", "stopping")
+        checking.result()
 
     async def _report_gaps(self) -> None:
         """Say what was trimmed unarchived while archival was off (sidecar.retention)."""
@@ -283,24 +331,30 @@ class ArchiveSwitch:
             ) from exc
         return S3Sink(client, target.bucket)
 
-    async def _start_runner(self, target: ArchiveTarget, sink: ArchiveSink) -> None:
+    def _archiver(self, target: ArchiveTarget, sink: ArchiveSink) -> S3TaskHistoryArchiver:
         settings = self.settings
-        group = settings.redis_archiver_consumer_group
-        self.archiver = S3TaskHistoryArchiver(
+        return S3TaskHistoryArchiver(
             sink,
             self.metrics,
             stream=settings.redis_stream_key,
             prefix=target.prefix,
             policy=target.policy,
-            group=group,
+            group=settings.redis_archiver_consumer_group,
+            consumer=settings.redis_consumer_name,
+            conditional_writes=target.conditional_writes,
             watermark=ArchiveWatermark(
                 self.redis,
                 self.metrics,
                 stream=settings.redis_stream_key,
-                group=group,
+                group=settings.redis_archiver_consumer_group,
                 consumer=settings.redis_consumer_name,
             ),
         )
+
+    async def _start_runner(self, archiver: S3TaskHistoryArchiver) -> None:
+        settings = self.settings
+        group = settings.redis_archiver_consumer_group
+        self.archiver = archiver
         self.runner = ConsumerGroupRunner(
             self.redis,
             stream=settings.redis_stream_key,
@@ -320,6 +374,19 @@ class ArchiveSwitch:
         if self.runner is None or self._task is None:
             return
         await self.runner.stop()
+        done, _ = await asyncio.wait({self._task}, timeout=self.stop_give_up_seconds)
+        if not done:
+            # Its uploads hang (a PUT may take 15 s, other calls 2 x 10 s): cancel them.
+            # Nothing it holds is acknowledged, so it all stays pending, written later.
+            log.warning(
+                "archiver could not finish writing within %.0f s (%s); giving up:"
+                " %d buffered entries stay pending and are written after the restart",
+                self.stop_give_up_seconds,
+                self.health() or "uploads in flight",
+                self.archiver.buffered if self.archiver is not None else 0,
+                extra={"worker": "archiver", "bucket": self.target.label},
+            )
+            self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self.runner = self.archiver = self._task = None

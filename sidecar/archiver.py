@@ -33,6 +33,11 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import NamedTuple
 
+from sidecar.conditional_writes import (
+    ConditionalWrites,
+    ConditionalWritesSetting,
+    settle_conditional_writes,
+)
 from sidecar.consumer import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
@@ -130,6 +135,8 @@ class S3TaskHistoryArchiver:
         prefix: str,
         policy: FlushPolicy,
         group: str = "task-history-archiver",
+        consumer: str = "alakai",
+        conditional_writes: ConditionalWritesSetting = "auto",
         watermark: ArchiveWatermark | None = None,
     ) -> None:
         self.sink = sink
@@ -145,16 +152,33 @@ class S3TaskHistoryArchiver:
         self._buffered_ids: set[str] = set()
         self._buffered_bytes = 0
         self._done: list[str] = []  # written, not yet handed back for acknowledgement
+        self.consumer = consumer
+        self.conditional_writes_setting = conditional_writes
+        self.write_mode: ConditionalWrites | None = None  # settled by the first prepare()
 
     def take_rejected(self) -> list[InvalidEntry]:
         return []  # the archiver acknowledges what it cannot use; it rejects nothing
 
     async def prepare(self) -> None:
+        """`check_target`, counting its failures (the runner calls it before reading)."""
         try:
-            await self.sink.check()
+            await self.check_target()
         except SinkError as exc:
             self.metrics.archive_failures.labels(exc.reason).inc()
             raise
+
+    async def check_target(self) -> None:
+        """Check the target, and once per target settle how conditional writes are made
+        (probed or set; sidecar.conditional_writes) before anything is written."""
+        await self.sink.check()
+        if self.write_mode is None:
+            self.write_mode = await settle_conditional_writes(
+                self.sink,
+                self.metrics,
+                setting=self.conditional_writes_setting,
+                prefix=self.prefix,
+                consumer=self.consumer,
+            )
 
     def add(self, events: Sequence[ValidEvent]) -> None:
         watermark = self.watermark

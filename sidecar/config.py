@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     archive_flush_max_events: int = Field(5000, ge=1, le=100_000)
     archive_flush_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
     archive_flush_max_age_seconds: float = Field(30.0, gt=0, le=3600)
+    # "auto" probes whether the S3 target enforces If-None-Match (sidecar.conditional_writes).
+    archive_conditional_writes: Literal["auto", "enforced", "check_before_write"] = "auto"
 
     projection_ttl_seconds: int = Field(0, ge=0)
     project_index_max_age_days: int = Field(0, ge=0)
@@ -93,7 +95,7 @@ class Settings(BaseSettings):
             raise ValueError("must not start or end with '/' (for example: task-tracking)")
         return value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "archive_conditional_writes", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -177,6 +177,14 @@ class Metrics:
             "Re-delivered entries acknowledged without writing: the archive watermark covers"
             " them (after the archiver group was re-created).",
         )
+        self.archive_conditional_writes = gauge(
+            "task_tracking_archive_conditional_writes",
+            "1 for the archiver's write mode: enforced (the store refuses a second create) or"
+            " check_before_write (HEAD before each PUT); both 0 while no archiver writes.",
+            ("mode",),
+        )
+        for mode in ("enforced", "check_before_write"):
+            self.archive_conditional_writes.labels(mode).set(0)
         self.archive_enabled = gauge(
             "task_tracking_archive_enabled",
             "1 while archival is on, by target bucket (or folder).",

@@ -189,8 +189,13 @@ class ResourceWatch:
         stale_after: float = 3600.0,
         watch_timeout: float = 300.0,
         on_generation: Callable[[int], object] | None = None,
+        conditional_writes: Callable[[], str | None] | None = None,
     ) -> None:
         self._control = control
+        # The archiver's write mode, read at each status write: it is settled by the
+        # archiver's probe, which may finish after the spec was applied (a target that
+        # was already running from the environment), so the next event reports it.
+        self._conditional_writes = conditional_writes
         # Told the generation this sidecar runs after each successful apply, 0 once the
         # resource is deleted (the runtime sets task_tracking_resource_generation with it).
         self._on_generation = on_generation
@@ -362,6 +367,8 @@ class ResourceWatch:
             "bucket": state.bucket if state else None,
             "prefix": state.prefix if state else None,
             "lastError": self._error or "",
+            # enforced | check_before_write (sidecar.conditional_writes); absent when unknown
+            "conditionalWrites": self._write_mode(state),
         }
         entry = self._entry
         if entry is None or {k: v for k, v in entry.items() if k != "updatedAt"} != content:
@@ -386,6 +393,11 @@ class ResourceWatch:
         if changes:
             patch.status["sidecars"] = changes
         patch.status.update(summary_changes)
+
+    def _write_mode(self, state: ArchiveState | None) -> str | None:
+        if self._conditional_writes is not None:
+            return self._conditional_writes()
+        return state.conditional_writes if state else None
 
 
 def _summary(sidecars: Mapping[str, Any], generation: int) -> dict[str, Any]:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 LOOP_STALL_SECONDS = 10.0
 # Stop never waits longer than this for one task (the drain budget is 10 s).
 STOP_TIMEOUT_SECONDS = 8.0
+# The archive switch ends as soon as its close() returned; if close() timed out (a switch
+# in progress hung on S3), it is cancelled at once rather than given another 8 s.
+SWITCH_JOIN_SECONDS = 0.5
 
 
 class Sidecar:
@@ -138,7 +141,7 @@ class Sidecar:
             asyncio.wait_for(self.archive.close(), STOP_TIMEOUT_SECONDS),
             return_exceptions=True,
         )
-        await self._join("archive-switch")
+        await self._join("archive-switch", SWITCH_JOIN_SECONDS)
         if self.watch is not None:
             await self.watch.stop()
             await self._join("watch")
@@ -183,6 +186,9 @@ class Sidecar:
             namespace=namespace,
             pod_name=self.settings.redis_consumer_name,
             on_generation=self.metrics.resource_generation.set,
+            conditional_writes=lambda: (
+                self.archive.conditional_writes if self.archive.target.enabled else None
+            ),
         )
         self._spawn("watch", self.watch.run)
 
@@ -198,14 +204,14 @@ class Sidecar:
 
         self._tasks[name] = asyncio.create_task(guarded(), name=name)
 
-    async def _join(self, name: str) -> None:
+    async def _join(self, name: str, seconds: float = STOP_TIMEOUT_SECONDS) -> None:
         task = self._tasks.get(name)
         if task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_SECONDS)
+            await asyncio.wait_for(asyncio.shield(task), seconds)
         except TimeoutError:
-            log.error("%s did not stop within %ss; abandoning it", name, STOP_TIMEOUT_SECONDS)
+            log.error("%s did not stop within %ss; abandoning it", name, seconds)
             task.cancel()
         except (asyncio.CancelledError, Exception):
             pass  # its failure was logged when it died
@@ -256,6 +262,7 @@ class Sidecar:
             bucket=current.label if current.enabled else current.bucket,
             prefix=current.prefix,
             last_error=error,
+            conditional_writes=self.archive.conditional_writes if current.enabled else None,
         )
 
     def _apply_retention(self, spec: RetentionSpec) -> None:
@@ -290,6 +297,7 @@ class Sidecar:
                 max_bytes=spec.flush_max_bytes or policy.max_bytes,
                 max_age_seconds=spec.flush_max_age_seconds or policy.max_age_seconds,
             ),
+            conditional_writes=environment.conditional_writes,
         )
 
 

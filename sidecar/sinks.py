@@ -2,19 +2,30 @@
 
 Both offer the one primitive exactly-once archival needs: create an object
 only if its key is absent (`create_if_absent`), and read back an existing one.
+An S3-compatible server may ignore the condition (`If-None-Match: *`); the S3
+sink then checks before it writes (`check_before_write`, see
+sidecar.conditional_writes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from sidecar.consumer import WorkerError
 
@@ -30,12 +41,30 @@ CONFIG_ERROR_CODES = {
     "AuthorizationHeaderMalformed": "wrong region for this bucket (set the region)",
 }
 
-# botocore retries transient errors (5xx, throttling, timeouts) itself, with
-# capped exponential backoff and jitter ("standard" mode).
+# A create refused because the key exists (412), or because another conditional write to
+# it is in progress (409, AWS): either way the server evaluates the condition.
+PRECONDITION_FAILED = ("PreconditionFailed", "412")
+REFUSED_CREATE = (*PRECONDITION_FAILED, "ConditionalRequestConflict", "409")
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+
+# Every S3 call: a PUT of an archive object (8 MiB by default) is answered in well under
+# a second by S3 or MinIO once its body is sent, so a server silent for 10 s is hung, not
+# slow. botocore retries a failed call once ("standard" mode: 5xx, throttling, timeouts;
+# one retry covers a dead keep-alive connection); beyond that the runner retries the whole
+# flush with capped backoff, and /readyz names the hang meanwhile. The former 5 attempts
+# of 30 s kept one hung PUT in flight for minutes, silently, and no SIGTERM could finish
+# within its 10 s budget.
+S3_CONNECT_TIMEOUT_SECONDS = 5.0
+S3_READ_TIMEOUT_SECONDS = 10.0
+# aiohttp waits for the "100 Continue" botocore asks for before a PUT's body with no
+# timeout at all, so a server that accepts and never answers would hold a PUT forever:
+# each PUT has a deadline of its own, both timeouts plus its body at this slow rate.
+# (/readyz names any call in flight longer than the read timeout before that.)
+SLOWEST_UPLOAD_BYTES_PER_SECOND = 1024 * 1024
 S3_CLIENT_CONFIG = Config(
-    retries={"max_attempts": 5, "mode": "standard"},
-    connect_timeout=5,
-    read_timeout=30,
+    retries={"total_max_attempts": 2, "mode": "standard"},
+    connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
+    read_timeout=S3_READ_TIMEOUT_SECONDS,
 )
 
 
@@ -52,52 +81,80 @@ class ArchiveSink(Protocol):
     """A place archive objects go to."""
 
     description: str  # e.g. "s3://bucket" or "folder:/var/archive", for logs and metrics
+    # True where a second create is refused by construction (a folder's hard link): no probe.
+    always_conditional: bool
+    # Look before each create: set when the server does not enforce the condition.
+    check_before_write: bool
 
     async def create_if_absent(self, key: str, body: bytes) -> bool:
         """Write the object unless the key exists; True if this call created it."""
 
     async def read(self, key: str) -> bytes: ...
 
+    async def delete(self, key: str) -> None:
+        """Remove the object if it exists (the conditional-write probe's own objects)."""
+
     def list_keys(self, prefix: str) -> AsyncIterator[str]: ...
 
     async def check(self) -> None:
         """Raise `SinkError` if the sink cannot be written to (bucket missing, no access)."""
 
+    async def probe_conditional_writes(self, key: str) -> bool:
+        """Create `key` twice, then delete it: True if the second create was refused."""
+
+    def stalled(self) -> str | None:
+        """Why the target looks hung (for /readyz): a call in flight past the read timeout,
+        or the last call timed out and none was answered since. Else None."""
+
 
 class S3Sink:
     """An S3 bucket, through one shared aiobotocore client. Conditional writes use
-    `If-None-Match: *` (AWS S3 since 2024, MinIO, and moto)."""
+    `If-None-Match: *` (AWS S3 since 2024, MinIO, and moto); where the server ignores it,
+    `check_before_write` makes each create look first (HEAD)."""
 
-    def __init__(self, client: Any, bucket: str) -> None:
+    always_conditional = False
+
+    def __init__(
+        self, client: Any, bucket: str, *, read_timeout: float = S3_READ_TIMEOUT_SECONDS
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.description = f"s3://{bucket}"
+        self.read_timeout = read_timeout
+        self.check_before_write = False
+        self._in_flight: dict[object, tuple[str, float]] = {}  # call -> (operation, started)
+        # The last call that timed out, until the server answers again: between one hung
+        # call failing and the next one becoming overdue, /readyz must not turn green.
+        self._timed_out: str | None = None
 
     async def create_if_absent(self, key: str, body: bytes) -> bool:
+        if self.check_before_write and await self._exists(key):
+            return False  # the archiver reads it back and compares, as after a 412
+        put = self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=body,
+            IfNoneMatch="*",  # kept in check-before-write mode: harmless where ignored
+            ContentType="application/x-ndjson",
+        )
         try:
-            await self.client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                IfNoneMatch="*",
-                ContentType="application/x-ndjson",
-            )
-        except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "412"):
+            await self._put(put, len(body))
+        except SinkError as exc:
+            if exc.reason in PRECONDITION_FAILED:
                 return False
-            raise _sink_error(exc, self.bucket) from exc
-        except (BotoCoreError, OSError) as exc:
-            raise _sink_error(exc, self.bucket) from exc
+            raise
         return True
 
     async def read(self, key: str) -> bytes:
-        try:
+        with self._call("GET"):
             response = await self.client.get_object(Bucket=self.bucket, Key=key)
             async with response["Body"] as stream:
                 body: bytes = await stream.read()
                 return body
-        except (ClientError, BotoCoreError, OSError) as exc:
-            raise _sink_error(exc, self.bucket) from exc
+
+    async def delete(self, key: str) -> None:
+        with self._call("DELETE"):
+            await self.client.delete_object(Bucket=self.bucket, Key=key)
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -106,31 +163,105 @@ class S3Sink:
                 for item in page.get("Contents", ()):
                     yield item["Key"]
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise _sink_error(exc, self.bucket) from exc
+            raise _sink_error(exc, self.bucket, "LIST") from exc
 
     async def check(self) -> None:
         try:
-            await self.client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError, OSError) as exc:
-            error = _sink_error(exc, self.bucket)
-            if isinstance(exc, ClientError) and _code(exc) in ("404", "NoSuchBucket"):
-                error = SinkError(
+            with self._call("HEAD"):
+                await self.client.head_bucket(Bucket=self.bucket)
+        except SinkError as exc:
+            if exc.reason in ("404", "NoSuchBucket"):
+                raise SinkError(
                     f"s3://{self.bucket}: bucket does not exist", "NoSuchBucket", configuration=True
-                )
-            elif isinstance(exc, ClientError) and _code(exc) in ("403",):
-                error = SinkError(
+                ) from exc
+            if exc.reason == "403":
+                raise SinkError(
                     f"s3://{self.bucket}: access denied (check the IAM role / credentials)",
                     "AccessDenied",
                     configuration=True,
-                )
+                ) from exc
+            raise
+
+    async def probe_conditional_writes(self, key: str) -> bool:
+        # A probe left by a process killed mid-probe would refuse the first create.
+        await self.delete(key)
+        refused = False
+        for _ in range(2):
+            put = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=b"probe\n", IfNoneMatch="*"
+            )
+            try:
+                await self._put(put, 6)
+            except SinkError as exc:
+                if exc.reason not in REFUSED_CREATE:
+                    raise
+                refused = True
+                break
+        await self.delete(key)
+        return refused
+
+    def stalled(self) -> str | None:
+        now = time.monotonic()
+        for operation, started in list(self._in_flight.values()):
+            if now - started > self.read_timeout:
+                return f"{self.description}: {operation} timed out after {self.read_timeout:.0f} s"
+        return self._timed_out
+
+    async def _put(self, put: Awaitable[Any], size: int) -> None:
+        seconds = S3_CONNECT_TIMEOUT_SECONDS + self.read_timeout
+        seconds += size / SLOWEST_UPLOAD_BYTES_PER_SECOND
+        with self._call("PUT", seconds):
+            await asyncio.wait_for(put, seconds)
+
+    async def _exists(self, key: str) -> bool:
+        try:
+            with self._call("HEAD"):
+                await self.client.head_object(Bucket=self.bucket, Key=key)
+        except SinkError as exc:
+            if exc.reason in NOT_FOUND:
+                return False
+            raise
+        return True
+
+    @contextlib.contextmanager
+    def _call(self, operation: str, seconds: float | None = None) -> Iterator[None]:
+        """One S3 call: tracked while in flight (for `stalled`), its errors as `SinkError`."""
+        call = object()
+        seconds = self.read_timeout if seconds is None else seconds
+        self._in_flight[call] = (operation, time.monotonic())
+        try:
+            yield
+        except TimeoutError as exc:  # the call's own deadline (`_put`)
+            message = f"{self.description}: {operation} timed out after {seconds:.0f} s"
+            self._timed_out = message
+            raise SinkError(message, "timeout") from exc
+        except (ClientError, BotoCoreError, OSError) as exc:
+            error = _sink_error(exc, self.bucket, operation, seconds)
+            # Another failure (refused, reset, an error reply) is not a hang: the runner
+            # reports it.
+            self._timed_out = str(error) if error.reason == "timeout" else None
             raise error from exc
+        else:
+            self._timed_out = None
+        finally:
+            del self._in_flight[call]
 
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _sink_error(exc: Exception, bucket: str) -> SinkError:
+def _sink_error(
+    exc: Exception, bucket: str, operation: str, read_timeout: float = S3_READ_TIMEOUT_SECONDS
+) -> SinkError:
+    if isinstance(exc, ReadTimeoutError):
+        message = f"s3://{bucket}: {operation} timed out after {read_timeout:.0f} s"
+        return SinkError(message, "timeout")
+    if isinstance(exc, ConnectTimeoutError):
+        return SinkError(
+            f"s3://{bucket}: {operation}: connect timed out after {S3_CONNECT_TIMEOUT_SECONDS:g} s",
+            "timeout",
+        )
     if isinstance(exc, ClientError):
         code = _code(exc)
         if code in CONFIG_ERROR_CODES:
@@ -162,12 +293,16 @@ class FolderSink:
 
     Objects are written to a temporary file, fsynced, then hard-linked to their
     final name: the link fails if the name exists, which is the conditional
-    create, and a reader never sees a partial object.
+    create, and a reader never sees a partial object. So conditional writes are
+    always enforced here: no probe, no check before writing.
     """
+
+    always_conditional = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"folder:{root}"
+        self.check_before_write = False  # never needed: the hard link is the condition
 
     async def create_if_absent(self, key: str, body: bytes) -> bool:
         return await asyncio.to_thread(self._create_if_absent, key, body)
@@ -207,6 +342,20 @@ class FolderSink:
             raise SinkError(
                 f"{self.description}: cannot read {key}: {exc.strerror}", type(exc).__name__
             ) from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            await asyncio.to_thread((self.root / key).unlink, missing_ok=True)
+        except OSError as exc:
+            raise SinkError(
+                f"{self.description}: cannot delete {key}: {exc.strerror}", type(exc).__name__
+            ) from exc
+
+    async def probe_conditional_writes(self, key: str) -> bool:
+        return True  # os.link refuses an existing name: nothing to probe
+
+    def stalled(self) -> str | None:
+        return None
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         keys = await asyncio.to_thread(self._list, prefix)
