@@ -324,7 +324,12 @@ class _GroupLosingSink:
         self.sink = sink
         self.client = client
         self.description = sink.description
+        self.always_conditional = True  # a folder: no conditional-write probe
+        self.check_before_write = False
         self.armed = False
+
+    def stalled(self) -> str | None:
+        return None
 
     async def create_if_absent(self, key: str, body: bytes) -> bool:
         created = await self.sink.create_if_absent(key, body)

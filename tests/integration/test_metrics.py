@@ -146,8 +146,11 @@ async def test_counters_and_histograms_match_a_run_with_invalid_stale_and_valid_
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="projected")
         after = await until_scrape(
             sidecar,
-            lambda s: s.get("task_tracking_dead_letter_length") == len(INVALID),
-            "dead-letter length sampled",
+            lambda s: (
+                s.get("task_tracking_dead_letter_length") == len(INVALID)
+                and s.get("task_tracking_consumer_group_lag", group=PROJECTOR) == 0
+            ),
+            "dead-letter length and lag sampled after the drain",
         )
     group = {"group": PROJECTOR}
     assert after.get("task_tracking_events_dead_lettered_total", **group) == len(INVALID)
