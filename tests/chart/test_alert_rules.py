@@ -29,10 +29,12 @@ def series(metric: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{metric}{{{selector}}}", "values": values}
 
 
-# alert -> (history that fires it, eval time, the alert's labels, its summary and
-# description), (history that must not fire it, eval time). Evaluated every minute.
+# alert -> "fires": (history that fires it, eval time, the alert's labels, its summary and
+# description); "not_yet": an earlier eval time at which that history must not fire yet;
+# "quiet": (history that must not fire it, eval time). Evaluated every minute.
 CASES: dict[str, dict[str, Any]] = {
     "TaskTrackingConsumerGroupLagGrowing": {
+        "not_yet": "14m",  # the firing history, before its `for:` has passed
         # 1000 + 20 a minute: above the threshold and growing for 29 min (for: 15m).
         "fires": (
             [series("task_tracking_consumer_group_lag", "1000+20x40", group=PROJECTOR)],
@@ -51,6 +53,7 @@ CASES: dict[str, dict[str, Any]] = {
         ),
     },
     "TaskTrackingOldestPendingTooOld": {
+        "not_yet": "10m",  # the firing history, before its `for:` has passed
         # An entry stuck: its age grows a minute a minute; above 300 s from 6 min (for: 5m).
         "fires": (
             [series("task_tracking_oldest_pending_age_seconds", "0+60x20", group=ARCHIVER)],
@@ -72,6 +75,7 @@ CASES: dict[str, dict[str, Any]] = {
         ),
     },
     "TaskTrackingDeadLettersIncreasing": {
+        "not_yet": "2m",  # the firing history, before its `for:` has passed
         # Five events dead-lettered at minute 3 (for: 0m).
         "fires": (
             [series("task_tracking_events_dead_lettered_total", "0 0 0 5 5 5", group=PROJECTOR)],
@@ -87,6 +91,7 @@ CASES: dict[str, dict[str, Any]] = {
         ),
     },
     "TaskTrackingArchiveFailures": {
+        "not_yet": "10m",  # the firing history, before its `for:` has passed
         # Two failed writes a minute, for 20 minutes (for: 10m).
         "fires": (
             [series("task_tracking_archive_failures_total", "0+2x30", reason="AccessDenied")],
@@ -102,6 +107,7 @@ CASES: dict[str, dict[str, Any]] = {
         ),
     },
     "TaskTrackingSidecarNotReady": {
+        "not_yet": "6m",  # the firing history, before its `for:` has passed
         # Not ready from minute 2 (for: 5m).
         "fires": (
             [series("task_tracking_ready", "1 1 0x10")],
@@ -137,9 +143,9 @@ def promtool_tests(
         ]
         quiet_history, quiet_at = case["quiet"]
         fire, quiet = (expected, []) if name != swapped else ([], expected)
-        for input_series, eval_time, alerts in (
-            (history, at, fire),
-            (quiet_history, quiet_at, quiet),
+        for input_series, evals in (
+            (history, [(case["not_yet"], []), (at, fire)]),
+            (quiet_history, [(quiet_at, quiet)]),
         ):
             tests.append(
                 {
@@ -147,6 +153,7 @@ def promtool_tests(
                     "input_series": input_series,
                     "alert_rule_test": [
                         {"eval_time": eval_time, "alertname": name, "exp_alerts": alerts}
+                        for eval_time, alerts in evals
                     ],
                 }
             )
