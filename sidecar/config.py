@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     project_index_max_size: int = Field(0, ge=0)
 
     http_port: int = Field(9470, ge=0, le=65535)
+    # Bind address of that port: 0.0.0.0 every IPv4 interface, :: every IPv6 one (only).
+    http_host: str = Field("0.0.0.0", pattern=r"^[A-Za-z0-9.:%_-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The TaskTracking resource to watch; empty leaves the operator off.

@@ -29,7 +29,7 @@ from sidecar.config import Settings
 from sidecar.connections import connect
 from sidecar.consumer import ConsumerGroupRunner
 from sidecar.health import LoopWatchdog
-from sidecar.http import build_app
+from sidecar.http import start_server
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
 from sidecar.retention import StreamRetention
@@ -108,11 +108,9 @@ class Sidecar:
     # ---- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        self._http = web.AppRunner(build_app(self), handle_signals=False)
-        await self._http.setup()
-        site = web.TCPSite(self._http, "0.0.0.0", self.settings.http_port)
-        await site.start()
-        self.http_port = self._http.addresses[0][1]
+        self._http, self.http_port = await start_server(
+            self, self.settings.http_host, self.settings.http_port
+        )
         self._spawn("projector", self.projector_runner.run)
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)

@@ -156,6 +156,7 @@ def test_defaults_set_every_environment_variable_of_the_contract(render: Any) ->
         "TASK_TRACKING_MAX_FUTURE_SECONDS": "86400",
         "TASK_TRACKING_DEAD_LETTER_MAXLEN": "100000",
         "TASK_TRACKING_HTTP_PORT": "9470",
+        "TASK_TRACKING_HTTP_HOST": "0.0.0.0",
         "TASK_TRACKING_LOG_LEVEL": "info",
         "TASK_TRACKING_RESOURCE_NAME": FULLNAME,
         "TASK_TRACKING_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
@@ -470,4 +471,5 @@ def test_rendered_environment_is_accepted_by_the_sidecar_settings(render: Any, t
             ]
     settings = config.load_settings(environ)
     assert settings.http_port == 9470
+    assert settings.http_host == "0.0.0.0"
     assert settings.redis_consumer_name == "pod-1"

@@ -179,6 +179,8 @@ initContainers) list. It needs the volumes of "task-tracking.sidecarVolumes".
       value: {{ int64 $v.events.deadLetterMaxlen | quote }}
     - name: TASK_TRACKING_HTTP_PORT
       value: {{ int64 $v.http.port | quote }}
+    - name: TASK_TRACKING_HTTP_HOST
+      value: {{ $v.http.host | quote }}
     - name: TASK_TRACKING_LOG_LEVEL
       value: {{ $v.logLevel | quote }}
     - name: TASK_TRACKING_RESOURCE_NAME
