@@ -421,6 +421,8 @@ class ConsumerGroupRunner:
             await asyncio.gather(wake, return_exceptions=True)
             return []
         wake.result()  # a lost connection, say
+        if self._stopping.is_set():  # stopped meanwhile: read nothing more
+            return []
         return (await self._read(">"))[0]
 
     async def _read(self, cursor: str) -> tuple[list[StreamEntry], str]:

@@ -39,8 +39,15 @@ log = logging.getLogger(__name__)
 
 # /healthz fails while the event loop takes this long to run a callback.
 LOOP_STALL_SECONDS = 10.0
-# Stop never waits longer than this for one task (the drain budget is 10 s).
-STOP_TIMEOUT_SECONDS = 8.0
+# The whole stop, so that SIGTERM exits within its 10 s budget whatever does not answer
+# (a frozen Redis, a hung S3): each step gets what is left of it.
+STOP_BUDGET_SECONDS = 9.0
+# The workers' drain, at most (the archiver gives up on S3 after 6 s by itself); a task
+# that does not finish is abandoned and its entries stay pending, read again on restart.
+STOP_TIMEOUT_SECONDS = 7.5
+# Tasks with nothing in hand (statistics, retention): a call stuck on a frozen Redis is
+# not waited out.
+IDLE_TASK_JOIN_SECONDS = 0.3
 # The archive switch ends as soon as its close() returned; if close() timed out (a switch
 # in progress hung on S3), it is cancelled at once rather than given another 8 s.
 SWITCH_JOIN_SECONDS = 0.5
@@ -131,27 +138,37 @@ class Sidecar:
         )
 
     async def stop(self) -> None:
-        """Drain the workers, then stop the watch, the statistics and the HTTP server."""
+        """Drain the workers, then stop the watch, the statistics and the HTTP server, all
+        within `STOP_BUDGET_SECONDS`."""
         log.info("stopping: draining workers")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_BUDGET_SECONDS
+
+        def left(cap: float) -> float:
+            return max(0.05, min(cap, deadline - loop.time()))
+
+        self.stats.stop()  # nothing in hand: they end now, or are abandoned below
+        self.retention.stop()
         await self.projector_runner.stop()
         await asyncio.gather(
-            self._join("projector"),
-            asyncio.wait_for(self.archive.close(), STOP_TIMEOUT_SECONDS),
+            self._join("projector", left(STOP_TIMEOUT_SECONDS)),
+            asyncio.wait_for(self.archive.close(), left(STOP_TIMEOUT_SECONDS)),
             return_exceptions=True,
         )
-        await self._join("archive-switch", SWITCH_JOIN_SECONDS)
+        await self._join("archive-switch", left(SWITCH_JOIN_SECONDS))
         if self.watch is not None:
             await self.watch.stop()
-            await self._join("watch")
-        self.stats.stop()
-        self.retention.stop()
-        await self._join("stream-stats")
-        await self._join("retention")
+            await self._join("watch", left(STOP_TIMEOUT_SECONDS))
+        await self._join("stream-stats", left(IDLE_TASK_JOIN_SECONDS))
+        await self._join("retention", left(IDLE_TASK_JOIN_SECONDS))
         await asyncio.to_thread(self.watchdog.stop)
         if self._http is not None:
             await self._http.cleanup()
-        await self.s3_clients.close()
-        await self.redis.aclose()
+        for close in (self.s3_clients.close(), self.redis.aclose()):
+            try:
+                await asyncio.wait_for(close, left(1.0))
+            except (TimeoutError, OSError):  # a server that does not answer: exit anyway
+                pass
         log.info("stopped")
 
     async def _start_watch(self) -> None:

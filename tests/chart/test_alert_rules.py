@@ -37,17 +37,25 @@ CASES: dict[str, dict[str, Any]] = {
         "not_yet": "14m",  # the firing history, before its `for:` has passed
         # 1000 + 20 a minute: above the threshold and growing for 29 min (for: 15m).
         "fires": (
-            [series("task_tracking_consumer_group_lag", "1000+20x40", group=PROJECTOR)],
+            [
+                series("task_tracking_consumer_group_lag", "1000+20x40", group=PROJECTOR),
+                series("task_tracking_consumer_group_active", "1x40", group=PROJECTOR),
+            ],
             "30m",
             {"group": PROJECTOR},
             f"Consumer group {PROJECTOR} in {NS} falls behind the task-events stream.",
             "Lag is 1.6k entries and still growing after 15 minutes.",
         ),
-        # High but flat (a backlog being held, not growing), and growing but small.
+        # High but flat (a backlog being held, not growing); growing but small; growing
+        # in a group no sidecar works on (the archiver's while archival is off).
         "quiet": (
             [
                 series("task_tracking_consumer_group_lag", "5000x40", group=PROJECTOR),
+                series("task_tracking_consumer_group_active", "1x40", group=PROJECTOR),
                 series("task_tracking_consumer_group_lag", "0+20x40", group=ARCHIVER),
+                series("task_tracking_consumer_group_active", "1x40", group=ARCHIVER),
+                series("task_tracking_consumer_group_lag", "1000+20x40", group="other"),
+                series("task_tracking_consumer_group_active", "0x40", group="other"),
             ],
             "30m",
         ),
