@@ -9,6 +9,7 @@ the batch in hand, flush, acknowledge), then the watch and the HTTP server end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -165,10 +166,9 @@ class Sidecar:
         if self._http is not None:
             await self._http.cleanup()
         for close in (self.s3_clients.close(), self.redis.aclose()):
-            try:
+            # a server that does not answer: exit anyway
+            with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(close, left(1.0))
-            except (TimeoutError, OSError):  # a server that does not answer: exit anyway
-                pass
         log.info("stopped")
 
     async def _start_watch(self) -> None:
