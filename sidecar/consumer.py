@@ -37,6 +37,7 @@ from sidecar.events import (
     Oversized,
     ValidEvent,
     decode_values,
+    entry_ms,
 )
 from sidecar.logs import ContextLogger
 from sidecar.metrics import Metrics
@@ -449,21 +450,27 @@ class ConsumerGroupRunner:
             reply = await self.redis.execute_command("EVALSHA", *args)
         entries: list[StreamEntry] = []
         for item in reply[0]:
-            if item[1:] == [0]:
+            values = item[1:]
+            if len(values) == 1 and type(values[0]) is bytes:  # the common case
+                entries.append((item[0].decode(), values))
+            elif values == [0]:
                 entries.append((item[0].decode(), None))
-                continue
-            values = [Oversized(v[0], v[1]) if type(v) is list else v for v in item[1:]]
-            entries.append((item[0].decode(), values))
+            else:
+                values = [Oversized(v[0], v[1]) if type(v) is list else v for v in values]
+                entries.append((item[0].decode(), values))
         return entries, reply[1].decode()
 
     def _decode(self, entries: Sequence[StreamEntry]) -> Batch:
         batch = Batch()
         limits = self.options.limits
+        # entries come in stream order: the first one's time bounds every later one's
+        first = entry_ms(entries[0][0]) if entries else None
+        at_least = first or 0
         for entry_id, values in entries:
             if values is None:  # a pending entry deleted from the stream meanwhile
                 batch.invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
                 continue
-            decoded = decode_values(entry_id, values, limits)
+            decoded = decode_values(entry_id, values, limits, added_at_least=at_least)
             if isinstance(decoded, InvalidEntry):
                 batch.invalid.append(decoded)
             else:

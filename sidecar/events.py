@@ -252,17 +252,19 @@ def decode_values(
     limits: EventLimits = DEFAULT_LIMITS,
     *,
     added_ms: int | None = None,
+    added_at_least: int = 0,
 ) -> ValidEvent | InvalidEntry:
     """Decode one stream entry from its `event` values (every one, in order). Never raises.
 
     `added_ms`: when the entry was added, for the future limit; by default the time in
-    its stream ID."""
+    its stream ID, read only when the event is dated after `added_at_least` (a lower bound
+    of that time, such as the first entry of a read) plus the limit."""
     if not values:
         return InvalidEntry(entry_id, None, "entry has no 'event' field")
     first = values[0]
     if len(values) > 1:
         return _several_values(entry_id, values)
-    if isinstance(first, Oversized) or len(first) > limits.max_event_bytes:
+    if type(first) is not bytes or len(first) > limits.max_event_bytes:
         size = first.size if isinstance(first, Oversized) else len(first)
         prefix = first.prefix if isinstance(first, Oversized) else first
         return InvalidEntry(
@@ -272,7 +274,7 @@ def decode_values(
             " (TASK_TRACKING_MAX_EVENT_BYTES): send large data by reference, not in the event",
             size=size,
         )
-    raw = first.strip(JSON_WHITESPACE)
+    raw = first.strip(JSON_WHITESPACE)  # `first` is bytes here
     lossy = False  # lone surrogates read as U+FFFD
     try:
         data = orjson.loads(raw)
@@ -290,16 +292,19 @@ def decode_values(
             if "\ufffd" in str(data.get(name, "")):
                 reason = f"{name}: holds a lone surrogate (a string cut inside a character)"
                 return InvalidEntry(entry_id, first, reason)
-    facts = quick_event_facts(data)
+    facts = quick_event_facts(data, plain=_plain(raw))
     if facts is None:
         checked = model_event_facts(data)
         if isinstance(checked, str):
             return InvalidEntry(entry_id, first, checked)
         facts = checked
-    if added_ms is None:
-        added_ms = _entry_ms(entry_id)
-    future = facts[4] - added_ms if added_ms is not None else 0
-    if future > limits.max_future_seconds * 1000:
+    future = 0
+    max_future_ms = limits.max_future_seconds * 1000
+    if facts[4] > added_at_least + max_future_ms:
+        if added_ms is None:
+            added_ms = entry_ms(entry_id)
+        future = facts[4] - added_ms if added_ms is not None else 0
+    if future > max_future_ms:
         return InvalidEntry(
             entry_id,
             first,
@@ -313,6 +318,14 @@ def decode_values(
     warnings = optional_field_warnings(data)
     # positional: EventFacts is (event_id, execution_id, project, status, occurred_at_ms)
     return ValidEvent(entry_id, raw, data, *facts, warnings)
+
+
+def _plain(raw: bytes) -> bool:
+    """True when no string decoded from this JSON can hold a control character: C0 ones
+    must be escaped in JSON (so there is no backslash), DEL is byte 0x7F, and the C1 ones
+    are U+0080-U+009F, whose UTF-8 starts with 0xC2. Three byte searches (memchr) instead
+    of a scan of each identifier."""
+    return 92 not in raw and 127 not in raw and 0xC2 not in raw
 
 
 def _several_values(entry_id: str, values: Sequence[EventValue]) -> InvalidEntry:
@@ -330,9 +343,12 @@ def _several_values(entry_id: str, values: Sequence[EventValue]) -> InvalidEntry
     )
 
 
-def _entry_ms(entry_id: str) -> int | None:
-    millis = entry_id.partition("-")[0]
-    return int(millis) if millis.isdigit() else None
+def entry_ms(entry_id: str) -> int | None:
+    """The time in a stream entry ID, or None for an ID of another kind."""
+    try:
+        return int(entry_id.partition("-")[0])
+    except ValueError:  # not a stream ID (replay's archive:… IDs)
+        return None
 
 
 # An escaped backslash (kept), an escaped surrogate pair (kept), or a lone surrogate escape.
@@ -380,29 +396,36 @@ def model_event_facts(data: dict[str, Any]) -> EventFacts | str:
     return (event.event_id, event.execution_id, event.project, event.status, event.occurred_at_ms)
 
 
-def _short_identifier(value: object) -> bool:
-    """A non-empty string that passes `identifier_problem`, cheaply for the common case."""
-    return (
-        type(value) is str
-        and 0 < len(value) <= IDENTIFIER_MAX_BYTES // 4
-        and CONTROL_CHARACTER.search(value) is None
-    )
+# Identifiers this short are within IDENTIFIER_MAX_BYTES whatever their characters (at most
+# 4 bytes each in UTF-8); longer ones are measured by the model's validator.
+SHORT = IDENTIFIER_MAX_BYTES // 4
 
 
-def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
+def quick_event_facts(data: dict[str, Any], *, plain: bool = False) -> EventFacts | None:
     """The facts of an event in the common, plainly valid shape, without pydantic (which
     cost more than the rest of the projector's per-event work); None when the event is
     anything else, and the model decides. Agrees with `model_event_facts` on every
-    event it accepts (tests/unit/test_event_fast_path.py)."""
+    event it accepts (tests/unit/test_event_fast_path.py).
+
+    `plain`: the caller knows no string of the event holds a control character (see
+    `_plain`), so the identifiers need no scan."""
     event_id = data.get("eventId")
     execution_id = data.get("executionId")
+    task_name = data.get("taskName")
     status = data.get("status")
     project = data.get("project")
     occurred_at = data.get("occurredAt")
     if not (
-        _short_identifier(event_id)
-        and _short_identifier(execution_id)
-        and _short_identifier(data.get("taskName"))
+        type(event_id) is str
+        and type(execution_id) is str
+        and type(task_name) is str
+        and 0 < len(event_id) <= SHORT
+        and 0 < len(execution_id) <= SHORT
+        and 0 < len(task_name) <= SHORT
+        and (
+            plain
+            or not any(CONTROL_CHARACTER.search(s) for s in (event_id, execution_id, task_name))
+        )
         and type(status) is str
         and status in STATUS_RANK
         and type(project) is str
@@ -414,7 +437,7 @@ def quick_event_facts(data: dict[str, Any]) -> EventFacts | None:
         occurred_ms = occurred_at_ms(occurred_at)
     except ValueError:
         return None
-    return (event_id, execution_id, project, status, occurred_ms)  # type: ignore[return-value]
+    return (event_id, execution_id, project, status, occurred_ms)
 
 
 _URL_SCHEMES = ("https://", "http://")
@@ -422,8 +445,9 @@ _URL_SCHEMES = ("https://", "http://")
 
 def optional_field_warnings(data: dict[str, Any]) -> tuple[str, ...]:
     """The optional fields present in a shape other than the contract's (kept as sent;
-    counted in `task_tracking_event_warnings_total{field}`)."""
-    warnings: list[str] = []
+    counted in `task_tracking_event_warnings_total{field}`). Loops, not all(): this runs
+    for every event."""
+    warnings: tuple[str, ...] = ()
     actor = data.get("actor")
     if actor is not None and not (
         type(actor) is dict
@@ -434,25 +458,36 @@ def optional_field_warnings(data: dict[str, Any]) -> tuple[str, ...]:
             or type(actor.get("id")) is int  # GitHub's numeric user id
         )
     ):
-        warnings.append("actor")
+        warnings += ("actor",)
     links = data.get("prLinks")
-    if links is not None and not (
-        type(links) is list
-        and all(type(link) is str and link[:8].lower().startswith(_URL_SCHEMES) for link in links)
-    ):
-        warnings.append("prLinks")
+    if links is not None:
+        if type(links) is not list:
+            warnings += ("prLinks",)
+        else:
+            for link in links:
+                if type(link) is not str or not (
+                    link.startswith(_URL_SCHEMES) or link[:8].lower().startswith(_URL_SCHEMES)
+                ):
+                    warnings += ("prLinks",)
+                    break
     visibility = data.get("visibility")
     if visibility is not None:
-        users = visibility.get("responsibleUsers") if type(visibility) is dict else ()
-        if not (
-            type(visibility) is dict
-            and (users is None or (type(users) is list and all(type(u) is str for u in users)))
-        ):
-            warnings.append("visibility")
+        if type(visibility) is not dict:
+            warnings += ("visibility",)
+        else:
+            users = visibility.get("responsibleUsers")
+            if users is not None:
+                if type(users) is not list:
+                    warnings += ("visibility",)
+                else:
+                    for user in users:
+                        if type(user) is not str:
+                            warnings += ("visibility",)
+                            break
     flow = data.get("flow")
     if flow is not None and type(flow) is not str:
-        warnings.append("flow")
-    return tuple(warnings)
+        warnings += ("flow",)
+    return warnings
 
 
 def describe_event_error(exc: ValidationError) -> str:
