@@ -182,3 +182,21 @@ async def test_an_idle_consumer_stops_without_waiting_for_its_blocking_read(
 
 async def _blocked_clients(client: aioredis.Redis) -> bool:
     return int((await client.info("clients"))["blocked_clients"]) > 0
+
+
+async def test_idle_sigterm_exits_0_within_2_seconds_with_the_default_block(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    env = sidecar_env(redis_url)  # TASK_TRACKING_REDIS_BLOCK_MS unset: 5000
+    sidecar = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    try:
+        await wait_for(lambda: _has_group(redis_client), message="group created")
+        await wait_for(lambda: _blocked_clients(redis_client), message="idle in its wait")
+        started = time.monotonic()
+        code = await asyncio.to_thread(sidecar.terminate, 15)
+        elapsed = time.monotonic() - started
+        assert code == 0, sidecar.log()
+        assert elapsed < 2, f"idle SIGTERM took {elapsed:.1f}s"  # the budget, generous
+        print(f"\nidle sigterm exit: {elapsed:.2f}s")
+    finally:
+        sidecar.kill()

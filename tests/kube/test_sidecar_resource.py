@@ -125,20 +125,24 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
         client.create_bucket(Bucket=bucket)
     producer = Producer(redis_client)
     pod = "pod-a"
+    flips: list[float] = []
+    # the default block time: a flip must not wait for an idle read
     async with running_sidecar(
-        redis_url, resource_name=NAME, namespace=NS, redis_consumer_name=pod
+        redis_url, resource_name=NAME, namespace=NS, redis_consumer_name=pod, redis_block_ms=5000
     ) as sidecar:
         await wait_for(lambda: sidecar.watch is not None and sidecar.watch.ready.is_set())
         producer.start()
 
         # enable: objects appear in the S3 server
         await api.create(NS, resource(enabled=True, bucket="first"))
-        await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        flips.append(
+            await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        )
         await wait_for(lambda: bool(archive_objects_s3(client, "first")), message="objects")
 
         # disable mid-stream: archiving stops, entries wait in the stream, projector goes on
         await api.patch_spec(NS, NAME, {"archive": {"enabled": False}})
-        await applied_within_2s(api, sidecar, pod, lambda t: not t.enabled)
+        flips.append(await applied_within_2s(api, sidecar, pod, lambda t: not t.enabled))
         assert sidecar.metrics.archive_enabled.labels("")._value.get() == 0
         waiting = await group_unacked(redis_client, STREAM, ARCHIVER)
         await wait_for(
@@ -148,9 +152,11 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
 
         # enable again, then change bucket
         await api.patch_spec(NS, NAME, {"archive": {"enabled": True}})
-        await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        flips.append(
+            await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+        )
         await api.patch_spec(NS, NAME, {"archive": {"bucket": "second"}})
-        await applied_within_2s(api, sidecar, pod, lambda t: t.bucket == "second")
+        flips.append(await applied_within_2s(api, sidecar, pod, lambda t: t.bucket == "second"))
         await wait_for(lambda: bool(archive_objects_s3(client, "second")), message="objects")
 
         # a spec the CRD accepts but that cannot work: refused, last good kept, reported
@@ -174,7 +180,7 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), timeout=30)
     objects = archive_objects_s3(client, "first") | archive_objects_s3(client, "second")
     figures = check_exactly_once(objects, producer.published)
-    print("\nresource run:", figures)
+    print("\nresource run:", figures, "flips applied after (s):", [f"{f:.2f}" for f in flips])
 
 
 async def _grew(client: aioredis.Redis, before: int) -> bool:
