@@ -380,7 +380,7 @@ class ConsumerGroupRunner:
 
     async def _recover_own_pending(self) -> None:
         """Re-read this consumer's whole pending list and settle it as one batch (on
-        start, after any failure, and after claiming a dead consumer's entries).
+        start, and after any failure).
 
         One batch, so a worker that groups entries (the archiver) forms exactly
         the groups it formed before a crash; see README "Exactly once".

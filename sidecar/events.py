@@ -48,8 +48,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)
 
 # eventId, executionId and taskName become Redis keys, log fields and terminal output.
-IDENTIFIERS = ("eventId", "executionId", "taskName")
 IDENTIFIER_MAX_BYTES = 512
+# Identifiers this short are within IDENTIFIER_MAX_BYTES whatever their characters (at most
+# 4 bytes each in UTF-8); only longer ones are encoded to be measured.
+SHORT = IDENTIFIER_MAX_BYTES // 4
 # Fields whose malformed value is a warning, not a refusal.
 OPTIONAL_FIELDS = ("actor", "prLinks", "visibility", "flow")
 # C0, DEL and C1 controls: a newline or NUL in a key or a log line is never meant.
@@ -142,7 +144,7 @@ class TaskEvent(BaseModel):
 
 def identifier_problem(value: str) -> str | None:
     """Why a string cannot be an identifier (eventId, executionId, taskName), or None."""
-    if len(value) > IDENTIFIER_MAX_BYTES // 4 and len(value.encode()) > IDENTIFIER_MAX_BYTES:
+    if len(value) > SHORT and len(value.encode()) > IDENTIFIER_MAX_BYTES:
         return f"longer than {IDENTIFIER_MAX_BYTES} bytes; identifiers must be short"
     control = CONTROL_CHARACTER.search(value)
     if control is not None:
@@ -394,11 +396,6 @@ def model_event_facts(data: dict[str, Any]) -> EventFacts | str:
     except Exception as exc:  # a validator bug must not stop the stream
         return f"event could not be validated: {exc!r}"
     return (event.event_id, event.execution_id, event.project, event.status, event.occurred_at_ms)
-
-
-# Identifiers this short are within IDENTIFIER_MAX_BYTES whatever their characters (at most
-# 4 bytes each in UTF-8); longer ones are measured by the model's validator.
-SHORT = IDENTIFIER_MAX_BYTES // 4
 
 
 def quick_event_facts(data: dict[str, Any], *, plain: bool = False) -> EventFacts | None:
