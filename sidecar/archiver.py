@@ -38,7 +38,7 @@ from sidecar.conditional_writes import (
     ConditionalWritesSetting,
     settle_conditional_writes,
 )
-from sidecar.consumer import WorkerError
+from sidecar.errors import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError

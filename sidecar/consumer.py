@@ -28,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sidecar.errors import WorkerError
 from sidecar.events import (
     DEAD_LETTER_EVENT_BYTES,
     DEFAULT_LIMITS,
@@ -141,11 +142,6 @@ StreamEntry = tuple[str, list[EventValue] | None]
 
 # Entries decoded between two turns of the event loop when a batch is read ahead.
 DECODE_SLICE = 50
-
-
-class WorkerError(Exception):
-    """A failure the worker explains in its message (a bucket missing, say): logged as
-    one line, without a traceback, and retried with backoff."""
 
 
 class BatchHandler(Protocol):

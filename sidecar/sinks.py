@@ -27,7 +27,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from sidecar.consumer import WorkerError
+from sidecar.errors import WorkerError
 
 # Errors no retry can fix: the operator has to change the configuration.
 CONFIG_ERROR_CODES = {
