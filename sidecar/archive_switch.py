@@ -1,8 +1,8 @@
 """The archiver's runtime switch: start, stop and reconfigure archival while the process runs.
 
 One long-lived supervisor task owns the archiver's runner; callers (start-up,
-the custom-resource watch, tests) send it an `ArchiveTarget` and wait for the
-answer. Stopping an archiver flushes its buffers and acknowledges them before
+the custom-resource watch, tests) send it an `ArchiveConfig` (sidecar.config) and wait
+for the answer. Stopping an archiver flushes its buffers and acknowledges them before
 the next one starts, so a switch neither loses nor duplicates events; an archiver
 that cannot finish in time (S3 hangs) is given up on, and what it had not written
 stays pending for the next one (or the restarted process) to write, exactly once. Worker
@@ -17,20 +17,15 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
-from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
-from sidecar.conditional_writes import (
-    ConditionalWrites,
-    ConditionalWritesSetting,
-    clear_conditional_writes,
-)
-from sidecar.config import Settings
+from sidecar.archiver import S3TaskHistoryArchiver
+from sidecar.conditional_writes import ConditionalWrites, clear_conditional_writes
+from sidecar.config import ArchiveConfig, Settings
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.metrics import Metrics
 from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError, s3_client_context
@@ -43,91 +38,6 @@ log = logging.getLogger(__name__)
 # out only after 10 s. What it gives up on is unacknowledged, so it stays pending and is
 # written after the restart (the key scheme and the read-back make that exactly once).
 STOP_GIVE_UP_SECONDS = 6.0
-
-
-@dataclass(frozen=True)
-class RetentionSpec:
-    """What a TaskTracking's ``spec.retention`` asks for; None leaves the environment's."""
-
-    projection_ttl_seconds: int | None = None
-    project_index_max_age_days: int | None = None
-    project_index_max_size: int | None = None
-
-
-@dataclass(frozen=True)
-class ArchiveSpec:
-    """What a TaskTracking's ``spec.archive`` (and ``spec.retention``) asks for."""
-
-    enabled: bool
-    bucket: str | None
-    prefix: str
-    region: str | None = None
-    endpoint_url: str | None = None
-    flush_max_events: int | None = None
-    flush_max_bytes: int | None = None
-    flush_max_age_seconds: float | None = None
-    retention: RetentionSpec = field(default_factory=RetentionSpec)
-
-
-@dataclass(frozen=True)
-class ArchiveState:
-    """What the runtime runs after a reconfiguration, as reported in the status entry."""
-
-    archiving: bool
-    bucket: str | None
-    prefix: str | None
-    last_error: str | None
-    conditional_writes: ConditionalWrites | None = None  # None: not archiving, or not known yet
-
-
-class ArchiveControl(Protocol):
-    """The runtime's reconfigure path, shared by the operator and the CLI."""
-
-    async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
-        """Apply a spec; None means the resource is gone: back to the environment config.
-
-        Raises ValueError, or returns a state with ``last_error``, on an unusable spec; the
-        runtime keeps its last good configuration either way.
-        """
-        ...
-
-
-@dataclass(frozen=True)
-class ArchiveTarget:
-    """Where and how to archive; `enabled=False` means no archiver runs."""
-
-    enabled: bool
-    sink: Literal["s3", "folder"] = "s3"
-    bucket: str | None = None
-    folder: Path | None = None
-    prefix: str = "task-tracking"
-    region: str | None = None
-    endpoint_url: str | None = None
-    policy: FlushPolicy = field(default_factory=FlushPolicy)
-    conditional_writes: ConditionalWritesSetting = "auto"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ArchiveTarget:
-        return cls(
-            enabled=settings.s3_archive_enabled,
-            sink=settings.archive_sink,
-            bucket=settings.s3_bucket,
-            folder=settings.archive_folder,
-            prefix=settings.s3_prefix,
-            region=settings.s3_region,
-            endpoint_url=settings.s3_endpoint_url,
-            policy=FlushPolicy(
-                max_events=settings.archive_flush_max_events,
-                max_bytes=settings.archive_flush_max_bytes,
-                max_age_seconds=settings.archive_flush_max_age_seconds,
-            ),
-            conditional_writes=settings.archive_conditional_writes,
-        )
-
-    @property
-    def label(self) -> str:
-        """The bucket (or folder) for logs and the archive_enabled metric."""
-        return str(self.folder) if self.sink == "folder" else str(self.bucket)
 
 
 class S3Clients:
@@ -149,9 +59,26 @@ class S3Clients:
         self._clients.clear()
 
 
+async def open_sink(target: ArchiveConfig, s3_clients: S3Clients) -> ArchiveSink:
+    """The sink `target` writes to (raises `SinkError`, a configuration one, if it has none)."""
+    if target.sink == "folder":
+        if target.folder is None:
+            raise SinkError("archive folder is not set", "config", configuration=True)
+        return FolderSink(target.folder)
+    if not target.bucket:
+        raise SinkError("archival is enabled but no bucket is set", "config", configuration=True)
+    try:
+        client = await s3_clients.get(target.region, target.endpoint_url)
+    except Exception as exc:  # e.g. a malformed endpoint URL
+        raise SinkError(
+            f"cannot create the S3 client: {exc}", "ClientConfig", configuration=True
+        ) from exc
+    return S3Sink(client, target.bucket)
+
+
 @dataclass
 class _Request:
-    target: ArchiveTarget | None  # None: stop the supervisor
+    target: ArchiveConfig | None  # None: stop the supervisor
     check: bool
     reply: asyncio.Future[str | None]
 
@@ -170,7 +97,7 @@ class ArchiveSwitch:
         self.settings = settings
         self.metrics = metrics
         self.s3_clients = s3_clients
-        self.target = ArchiveTarget(enabled=False)
+        self.target = ArchiveConfig()
         self.runner: ConsumerGroupRunner | None = None
         self.archiver: S3TaskHistoryArchiver | None = None
         self.last_error: str | None = None
@@ -179,7 +106,7 @@ class ArchiveSwitch:
         self.stop_give_up_seconds = STOP_GIVE_UP_SECONDS
         self._closing = asyncio.Event()
 
-    async def apply(self, target: ArchiveTarget, *, check: bool = True) -> str | None:
+    async def apply(self, target: ArchiveConfig, *, check: bool = True) -> str | None:
         """Switch to `target`; returns None, or why the target was refused.
 
         With `check`, an enabled target must pass a write check first (bucket
@@ -241,13 +168,13 @@ class ArchiveSwitch:
         """True when the archiver's task ended while it should be running (liveness)."""
         return self._task is not None and self._task.done()
 
-    async def _switch(self, target: ArchiveTarget, *, check: bool) -> str | None:
+    async def _switch(self, target: ArchiveConfig, *, check: bool) -> str | None:
         if target == self.target and (self.runner is not None or not target.enabled):
             return None
         archiver = None
         if target.enabled:
             try:
-                archiver = self._archiver(target, await self._sink(target))
+                archiver = self._archiver(target, await open_sink(target, self.s3_clients))
                 if check:  # the bucket, and how conditional writes are made there
                     await self._unless_closing(archiver.check_target(), target)
             except SinkError as exc:
@@ -274,9 +201,9 @@ class ArchiveSwitch:
                 "archival on: %s prefix %s (flush at %d events, %d bytes or %.0f s)",
                 archiver.sink.description,
                 target.prefix,
-                target.policy.max_events,
-                target.policy.max_bytes,
-                target.policy.max_age_seconds,
+                target.flush.max_events,
+                target.flush.max_bytes,
+                target.flush.max_age_seconds,
                 extra={"worker": "archiver", "bucket": target.label},
             )
         else:
@@ -286,7 +213,7 @@ class ArchiveSwitch:
         return None
 
     async def _unless_closing(
-        self, check: Coroutine[Any, Any, None], target: ArchiveTarget
+        self, check: Coroutine[Any, Any, None], target: ArchiveConfig
     ) -> None:
         """Run a target's check, unless `close()` comes first (then raise `SinkError`)."""
         checking = asyncio.ensure_future(check)
@@ -314,31 +241,14 @@ class ArchiveSwitch:
                 until,
             )
 
-    async def _sink(self, target: ArchiveTarget) -> ArchiveSink:
-        if target.sink == "folder":
-            if target.folder is None:
-                raise SinkError("archive folder is not set", "config", configuration=True)
-            return FolderSink(target.folder)
-        if not target.bucket:
-            raise SinkError(
-                "archival is enabled but no bucket is set", "config", configuration=True
-            )
-        try:
-            client = await self.s3_clients.get(target.region, target.endpoint_url)
-        except Exception as exc:  # e.g. a malformed endpoint URL
-            raise SinkError(
-                f"cannot create the S3 client: {exc}", "ClientConfig", configuration=True
-            ) from exc
-        return S3Sink(client, target.bucket)
-
-    def _archiver(self, target: ArchiveTarget, sink: ArchiveSink) -> S3TaskHistoryArchiver:
+    def _archiver(self, target: ArchiveConfig, sink: ArchiveSink) -> S3TaskHistoryArchiver:
         settings = self.settings
         return S3TaskHistoryArchiver(
             sink,
             self.metrics,
             stream=settings.redis_stream_key,
             prefix=target.prefix,
-            policy=target.policy,
+            policy=target.flush,
             group=settings.redis_archiver_consumer_group,
             consumer=settings.redis_consumer_name,
             conditional_writes=target.conditional_writes,

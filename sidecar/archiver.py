@@ -38,6 +38,7 @@ from sidecar.conditional_writes import (
     ConditionalWritesSetting,
     settle_conditional_writes,
 )
+from sidecar.config import FlushPolicy
 from sidecar.errors import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
@@ -54,15 +55,6 @@ MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 # projects' buffers do): a PUT to S3 takes tens of milliseconds, one after another they
 # add up. Each buffer's own objects still go one after another, in stream order.
 UPLOADS_IN_FLIGHT = 4
-
-
-@dataclass(frozen=True)
-class FlushPolicy:
-    """When a buffer becomes an object: whichever limit is reached first."""
-
-    max_events: int = 5000
-    max_bytes: int = 8 * 1024 * 1024
-    max_age_seconds: float = 30.0
 
 
 class ArchiveIntegrityError(WorkerError):

@@ -3,17 +3,24 @@
 The names and defaults of the first eight variables are contracts inherited from
 the original service (DESIGN.md); the rest are this project's. A bad value stops
 start-up with one line naming the variable and the fix (`ConfigError`).
+
+The archive configuration has one shape, `ArchiveConfig` (and `RetentionConfig`): the
+environment fills it through one mapping (`ENVIRONMENT`), a TaskTracking's spec overlays
+it (`ArchiveConfig.inheriting`); its rules (flush bounds, prefix shape, a bucket when
+enabled) are written once, here.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.events import EventLimits
@@ -25,8 +32,127 @@ class ConfigError(Exception):
     """A setting a user got wrong; the message is one line naming the variable and the fix."""
 
 
+class RuleError(ValueError):
+    """A rule across fields, broken: `field` is the one to fix; `{name}` placeholders in the
+    message stand for other fields, named the way the source names them (a variable, a
+    resource field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class _Model(BaseModel):
+    # camelCase aliases: the field names of the TaskTracking CRD; snake_case works too.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class FlushPolicy(_Model):
+    """When a buffer becomes an object: whichever limit is reached first (``spec.archive.flush``,
+    ``TASK_TRACKING_ARCHIVE_FLUSH_*``)."""
+
+    max_events: int = Field(5000, ge=1, le=100_000)
+    max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    max_age_seconds: float = Field(30.0, gt=0, le=3600)
+
+
+class ArchiveConfig(_Model):
+    """Where and how to archive (``enabled=False``: no archiver runs): the one archive model.
+
+    The environment fills it (`ENVIRONMENT`); a TaskTracking's ``spec.archive`` (the fields
+    up to ``flush``, same names in camelCase) overlays it by `inheriting`.
+    """
+
+    enabled: bool = False
+    bucket: str | None = Field(None, min_length=3, max_length=63)
+    prefix: str = Field("task-tracking", min_length=1, max_length=512)
+    region: str | None = Field(None, min_length=1, max_length=64)
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+\S*$")
+    flush: FlushPolicy = FlushPolicy()
+    # The environment's only (not in the CRD):
+    sink: Literal["s3", "folder"] = "s3"
+    folder: Path | None = None
+    # "auto" probes whether the S3 target enforces If-None-Match (sidecar.conditional_writes).
+    conditional_writes: Literal["auto", "enforced", "check_before_write"] = "auto"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if value.startswith("/") or value.endswith("/"):
+            raise ValueError("must not start or end with '/' (for example: task-tracking)")
+        return value
+
+    @field_validator("conditional_writes", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> ArchiveConfig:
+        if self.enabled and self.sink == "s3" and not self.bucket:
+            raise RuleError(
+                "bucket",
+                "required when {enabled} is true: set it to the bucket name,"
+                " or set {enabled} to false",
+            )
+        if self.sink == "folder" and self.folder is None:
+            raise RuleError(
+                "folder", "required when {sink} is folder: set it to a writable directory"
+            )
+        return self
+
+    def inheriting(self, environment: ArchiveConfig) -> ArchiveConfig:
+        """This configuration (a resource's ``spec.archive``) completed from the environment's.
+
+        What the resource leaves out of `INHERITED` (and of ``flush``, field by field) is
+        the environment's; ``bucket`` and ``prefix`` are the resource's own or the defaults,
+        never the environment's; a resource always archives to S3, with the environment's
+        `conditional_writes`.
+        """
+        given = self.model_fields_set
+        update: dict[str, object] = {
+            name: getattr(environment, name) for name in INHERITED if name not in given
+        }
+        update["flush"] = environment.flush.model_copy(
+            update=self.flush.model_dump(exclude_unset=True)
+        )
+        update.update(sink="s3", folder=None, conditional_writes=environment.conditional_writes)
+        return self.model_copy(update=update)
+
+    @property
+    def label(self) -> str:
+        """The bucket (or folder) for logs and the archive_enabled metric."""
+        return str(self.folder) if self.sink == "folder" else str(self.bucket)
+
+
+# The fields of spec.archive a resource takes from the environment when it leaves them out.
+INHERITED = ("region", "endpoint_url")
+# The fields of ArchiveConfig a TaskTracking's spec.archive may set (the CRD's).
+RESOURCE_FIELDS = ("enabled", "bucket", "prefix", "region", "endpoint_url", "flush")
+
+
+class RetentionConfig(_Model):
+    """How long the projection keeps what (``spec.retention``, ``TASK_TRACKING_PROJECT*``);
+    0 means no limit. A resource's leaves out fields: those are the environment's."""
+
+    projection_ttl_seconds: int = Field(0, ge=0)
+    project_index_max_age_days: int = Field(0, ge=0)
+    project_index_max_size: int = Field(0, ge=0)
+
+    def inheriting(self, environment: RetentionConfig) -> RetentionConfig:
+        """This configuration (a resource's ``spec.retention``) completed from the environment's."""
+        return environment.model_copy(update=self.model_dump(exclude_unset=True))
+
+
 class Settings(BaseSettings):
-    """The sidecar's configuration, read from `TASK_TRACKING_*` environment variables."""
+    """The sidecar's configuration, read from `TASK_TRACKING_*` environment variables.
+
+    A flat field is the variable of its name; `archive` and `retention` are filled by the
+    variables `ENVIRONMENT` maps into them.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -53,23 +179,8 @@ class Settings(BaseSettings):
     # While archival is off, the archiver group holds entries in the stream this long at most.
     archive_off_pin_seconds: int = Field(86_400, ge=0)
 
-    s3_archive_enabled: bool = False
-    s3_bucket: str | None = None
-    s3_prefix: str = "task-tracking"
-    s3_region: str | None = None
-    s3_endpoint_url: str | None = None
-
-    archive_sink: Literal["s3", "folder"] = "s3"
-    archive_folder: Path | None = None
-    archive_flush_max_events: int = Field(5000, ge=1, le=100_000)
-    archive_flush_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
-    archive_flush_max_age_seconds: float = Field(30.0, gt=0, le=3600)
-    # "auto" probes whether the S3 target enforces If-None-Match (sidecar.conditional_writes).
-    archive_conditional_writes: Literal["auto", "enforced", "check_before_write"] = "auto"
-
-    projection_ttl_seconds: int = Field(0, ge=0)
-    project_index_max_age_days: int = Field(0, ge=0)
-    project_index_max_size: int = Field(0, ge=0)
+    archive: ArchiveConfig = ArchiveConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     http_port: int = Field(9470, ge=0, le=65535)
     # Bind address of that port: 0.0.0.0 every IPv4 interface, :: every IPv6 one (only).
@@ -90,36 +201,10 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("s3_prefix")
-    @classmethod
-    def _prefix_shape(cls, value: str) -> str:
-        if value.startswith("/") or value.endswith("/"):
-            raise ValueError("must not start or end with '/' (for example: task-tracking)")
-        return value
-
-    @field_validator("log_level", "archive_conditional_writes", mode="before")
+    @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
-
-    @field_validator("s3_bucket", "s3_region", "s3_endpoint_url", "archive_folder", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @model_validator(mode="after")
-    def _archive_needs_target(self) -> Settings:
-        if self.s3_archive_enabled and self.archive_sink == "s3" and not self.s3_bucket:
-            raise ValueError(
-                "TASK_TRACKING_S3_BUCKET is required when TASK_TRACKING_S3_ARCHIVE_ENABLED=true:"
-                " set it to the bucket name, or set TASK_TRACKING_S3_ARCHIVE_ENABLED=false"
-            )
-        if self.archive_sink == "folder" and self.archive_folder is None:
-            raise ValueError(
-                "TASK_TRACKING_ARCHIVE_FOLDER is required when TASK_TRACKING_ARCHIVE_SINK=folder:"
-                " set it to a writable directory"
-            )
-        return self
 
     @property
     def event_limits(self) -> EventLimits:
@@ -130,15 +215,51 @@ class Settings(BaseSettings):
         return f"{self.redis_stream_key}:dead-letter"
 
 
+# Variables (less TASK_TRACKING_, lower case) that fill the nested models, and where. The
+# names are contracts (DESIGN.md); load_settings' overrides take the same names.
+ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "s3_archive_enabled": ("archive", "enabled"),
+    "s3_bucket": ("archive", "bucket"),
+    "s3_prefix": ("archive", "prefix"),
+    "s3_region": ("archive", "region"),
+    "s3_endpoint_url": ("archive", "endpoint_url"),
+    "archive_sink": ("archive", "sink"),
+    "archive_folder": ("archive", "folder"),
+    "archive_flush_max_events": ("archive", "flush", "max_events"),
+    "archive_flush_max_bytes": ("archive", "flush", "max_bytes"),
+    "archive_flush_max_age_seconds": ("archive", "flush", "max_age_seconds"),
+    "archive_conditional_writes": ("archive", "conditional_writes"),
+    "projection_ttl_seconds": ("retention", "projection_ttl_seconds"),
+    "project_index_max_age_days": ("retention", "project_index_max_age_days"),
+    "project_index_max_size": ("retention", "project_index_max_size"),
+}
+_VARIABLES = {path: ENV_PREFIX + name.upper() for name, path in ENVIRONMENT.items()}
+# Set to the empty string, these mean unset (a Helm value left empty).
+EMPTY_IS_UNSET = {"s3_bucket", "s3_region", "s3_endpoint_url", "archive_folder"}
+
+
 def load_settings(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
     """Read settings from the environment; raise `ConfigError` with one readable line."""
     env = os.environ if environ is None else environ
-    values: dict[str, object] = {
+    flat: dict[str, object] = {
         key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
         if key.startswith(ENV_PREFIX)
     }
-    values.update(overrides)
+    flat.pop("archive", None)  # the models' own names are not variables
+    flat.pop("retention", None)
+    flat.update(overrides)
+    values: dict[str, Any] = {}
+    for name, value in flat.items():
+        path = ENVIRONMENT.get(name)
+        if path is None:
+            values[name] = value
+        elif not (value == "" and name in EMPTY_IS_UNSET):
+            *parents, leaf = path
+            section = values
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[leaf] = value
     try:
         # Pass values explicitly so a test's environ is not merged with os.environ.
         return Settings.model_validate(values)
@@ -146,21 +267,47 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: object) ->
         raise ConfigError(describe_validation_error(exc)) from None
 
 
+class Problem(NamedTuple):
+    """The first problem of a ValidationError, for a one-line message."""
+
+    loc: tuple[str | int, ...]  # for a cross-field rule: the field to fix
+    message: str
+    rule: bool  # a cross-field rule (`RuleError`), whose message names the fields itself
+    kind: str  # pydantic's error type ("missing", ...)
+    input: object
+
+
+def first_problem(exc: ValidationError, name: Callable[[tuple[str | int, ...]], str]) -> Problem:
+    """The first problem of `exc`; the fields a rule's message mentions are named by `name`
+    (of their location), as the source names them (a variable, a resource field)."""
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    rule = (error.get("ctx") or {}).get("error")
+    if isinstance(rule, RuleError):
+        message = re.sub(r"\{(\w+)\}", lambda m: name((*loc, m.group(1))), rule.message)
+        return Problem((*loc, rule.field), message, True, error["type"], None)
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(loc, message, False, error["type"], error.get("input"))
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """First problem of a settings ValidationError, as one line naming the variable."""
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if not field:  # model-level rule: its message already names the variables
-        return message
-    variable = ENV_PREFIX + field.upper()
-    if error["type"] == "missing":
-        hint = " (for example redis://localhost:6379/0)" if field == "redis_url" else ""
+    problem = first_problem(exc, _variable)
+    variable = _variable(problem.loc)
+    if problem.rule:
+        return f"{variable} is {problem.message}"
+    if problem.kind == "missing":
+        hint = " (for example redis://localhost:6379/0)" if problem.loc == ("redis_url",) else ""
         return f"{variable} is required: set it{hint}"
-    shown = error.get("input")
-    if field == "redis_url" and isinstance(shown, str):
+    shown = problem.input
+    if problem.loc == ("redis_url",) and isinstance(shown, str):
         shown = redact(shown)
-    return f"{variable}={shown!r} is invalid: {message}"
+    return f"{variable}={shown!r} is invalid: {problem.message}"
+
+
+def _variable(loc: tuple[str | int, ...]) -> str:
+    path = tuple(str(part) for part in loc)
+    return _VARIABLES.get(path) or ENV_PREFIX + "_".join(path).upper()
 
 
 # scheme://user:password@host -> scheme://user:***@host

@@ -13,13 +13,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from sidecar.archive_switch import ArchiveTarget, S3Clients
-from sidecar.config import Settings
+from sidecar.archive_switch import S3Clients, open_sink
+from sidecar.config import ArchiveConfig, Settings
 from sidecar.connections import connect
 from sidecar.events import ValidEvent, decode_values
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
-from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError
+from sidecar.sinks import ArchiveSink, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ async def replay_archive(
     sink: ArchiveSink | None = None,
 ) -> ReplaySummary:
     """Apply every archived event (of `project`, between the UTC days `since` and `until`)."""
-    target = ArchiveTarget.from_settings(settings)
+    target = settings.archive
     clients = S3Clients()
     redis = connect(settings.redis_url)
     limits = settings.event_limits
@@ -68,7 +68,7 @@ async def replay_archive(
             redis,
             Metrics(),
             group="replay",
-            finished_ttl_seconds=settings.projection_ttl_seconds,
+            finished_ttl_seconds=settings.retention.projection_ttl_seconds,
         )
         prefix = f"{target.prefix}/{project}/" if project else f"{target.prefix}/"
         keys = [key async for key in sink.list_keys(prefix) if _in_range(key, since, until)]
@@ -107,20 +107,18 @@ async def replay_archive(
     return summary
 
 
-async def _sink(target: ArchiveTarget, clients: S3Clients) -> ArchiveSink:
-    if target.sink == "folder":
-        if target.folder is None or not target.folder.is_dir():
-            raise SinkError(
-                f"TASK_TRACKING_ARCHIVE_FOLDER={target.folder}: not a folder; set it to the"
-                " archive's folder",
-                "config",
-            )
-        return FolderSink(target.folder)
-    if not target.bucket:
+async def _sink(target: ArchiveConfig, clients: S3Clients) -> ArchiveSink:
+    if target.sink == "folder" and (target.folder is None or not target.folder.is_dir()):
+        raise SinkError(
+            f"TASK_TRACKING_ARCHIVE_FOLDER={target.folder}: not a folder; set it to the"
+            " archive's folder",
+            "config",
+        )
+    if target.sink == "s3" and not target.bucket:
         raise SinkError(
             "TASK_TRACKING_S3_BUCKET is not set: set it to the archive bucket", "config"
         )
-    return S3Sink(await clients.get(target.region, target.endpoint_url), target.bucket)
+    return await open_sink(target, clients)
 
 
 def _first_entry_ms(key: str) -> int | None:

@@ -16,23 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.archive_switch import (
-    ArchiveSpec,
-    ArchiveState,
-    ArchiveSwitch,
-    ArchiveTarget,
-    RetentionSpec,
-    S3Clients,
-    runner_options,
-)
-from sidecar.archiver import FlushPolicy
-from sidecar.config import Settings
+from sidecar.archive_switch import ArchiveSwitch, S3Clients, runner_options
+from sidecar.config import ArchiveConfig, RetentionConfig, Settings
 from sidecar.connections import connect
 from sidecar.consumer import ConsumerGroupRunner
 from sidecar.health import LoopWatchdog
 from sidecar.http import start_server
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
+from sidecar.resource import ArchiveState, ResourceSpec
 from sidecar.retention import StreamRetention
 from sidecar.stream_stats import StreamStatsSampler
 
@@ -66,7 +58,7 @@ class Sidecar:
             self.redis,
             self.metrics,
             group=settings.redis_projector_consumer_group,
-            finished_ttl_seconds=settings.projection_ttl_seconds,
+            finished_ttl_seconds=settings.retention.projection_ttl_seconds,
         )
         self.projector_runner = ConsumerGroupRunner(
             self.redis,
@@ -103,10 +95,10 @@ class Sidecar:
             archiving=lambda: self.archive.target.enabled,
             maxlen=settings.redis_stream_maxlen,
             archive_off_pin_seconds=settings.archive_off_pin_seconds,
-            index_max_age_days=settings.project_index_max_age_days,
-            index_max_size=settings.project_index_max_size,
+            index_max_age_days=settings.retention.project_index_max_age_days,
+            index_max_size=settings.retention.project_index_max_size,
         )
-        self.watch: Any = None  # sidecar.operator.ResourceWatch when a resource is watched
+        self.watch: Any = None  # sidecar.kopf_embedding.ResourceWatch when a resource is watched
         self.http_port: int | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._http: web.AppRunner | None = None
@@ -123,10 +115,9 @@ class Sidecar:
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
         self.watchdog.start(asyncio.get_running_loop())
-        environment_target = ArchiveTarget.from_settings(self.settings)
         # The environment's target is not write-checked: a bad bucket shows in
         # /readyz and the logs while entries wait in the stream.
-        await self.archive.apply(environment_target, check=False)
+        await self.archive.apply(self.settings.archive, check=False)
         # Trimming starts once the archiver (if on) has its group: before, the stream
         # could be trimmed behind the projector only, under entries the archiver needs.
         self._spawn("retention", self.retention.run)
@@ -174,28 +165,10 @@ class Sidecar:
     async def _start_watch(self) -> None:
         if not self.settings.resource_name:
             return
-        from sidecar.operator import (  # kopf
-            ResourceWatch,
-            has_kubernetes_credentials,
-            watched_namespace,
-        )
-
-        if not has_kubernetes_credentials():
-            log.info(
-                "no Kubernetes service account or kubeconfig: TaskTracking %r is not watched;"
-                " the environment's configuration applies",
-                self.settings.resource_name,
-            )
-            return
+        from sidecar.kopf_embedding import ResourceWatch, watched_namespace  # kopf
 
         namespace, source = watched_namespace(self.settings.namespace)
-        log.info(
-            "watching TaskTracking %s/%s (namespace from %s)",
-            namespace,
-            self.settings.resource_name,
-            source,
-        )
-        self.watch = ResourceWatch(
+        watch = ResourceWatch(
             self,
             resource_name=self.settings.resource_name,
             namespace=namespace,
@@ -205,7 +178,16 @@ class Sidecar:
                 self.archive.conditional_writes if self.archive.target.enabled else None
             ),
         )
-        self._spawn("watch", self.watch.run)
+        if not watch.can_log_in():
+            return
+        log.info(
+            "watching TaskTracking %s/%s (namespace from %s)",
+            namespace,
+            self.settings.resource_name,
+            source,
+        )
+        self.watch = watch
+        self._spawn("watch", watch.run)
 
     def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         async def guarded() -> None:
@@ -259,18 +241,19 @@ class Sidecar:
 
     # ---- reconfiguration (the custom-resource watch and tests) ------------
 
-    async def apply_archive_target(self, target: ArchiveTarget | None) -> str | None:
+    async def apply_archive_target(self, target: ArchiveConfig | None) -> str | None:
         """Switch archival; None goes back to the environment. Returns why it was refused."""
-        if target is None:
-            return await self.archive.apply(ArchiveTarget.from_settings(self.settings))
-        return await self.archive.apply(target)
+        return await self.archive.apply(self.settings.archive if target is None else target)
 
-    async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
-        """The custom resource's path into `apply_archive_target` (an `ArchiveControl`)."""
-        target = None if spec is None else self._target_of(spec)
+    async def apply_archive_spec(self, spec: ResourceSpec | None) -> ArchiveState:
+        """The custom resource's path into `apply_archive_target` (an `ArchiveControl`):
+        the spec completed from the environment (`ArchiveConfig.inheriting`)."""
+        environment = self.settings
+        target = None if spec is None else spec.archive.inheriting(environment.archive)
         error = await self.apply_archive_target(target)
         if error is None:  # a refused spec changes nothing, retention included
-            self._apply_retention(spec.retention if spec is not None else RetentionSpec())
+            retention = RetentionConfig() if spec is None else spec.retention
+            self._apply_retention(retention.inheriting(environment.retention))
         current = self.archive.target
         return ArchiveState(
             archiving=current.enabled,
@@ -280,40 +263,10 @@ class Sidecar:
             conditional_writes=self.archive.conditional_writes if current.enabled else None,
         )
 
-    def _apply_retention(self, spec: RetentionSpec) -> None:
-        """The resource's retention, each value falling back to the environment's."""
-        settings = self.settings
-
-        def pick(value: int | None, default: int) -> int:
-            return default if value is None else value
-
-        self.projector.finished_ttl_seconds = pick(
-            spec.projection_ttl_seconds, settings.projection_ttl_seconds
-        )
-        self.retention.index_max_age_days = pick(
-            spec.project_index_max_age_days, settings.project_index_max_age_days
-        )
-        self.retention.index_max_size = pick(
-            spec.project_index_max_size, settings.project_index_max_size
-        )
-
-    def _target_of(self, spec: ArchiveSpec) -> ArchiveTarget:
-        environment = ArchiveTarget.from_settings(self.settings)
-        policy = environment.policy
-        return ArchiveTarget(
-            enabled=spec.enabled,
-            sink="s3",
-            bucket=spec.bucket,
-            prefix=spec.prefix,
-            region=spec.region or environment.region,
-            endpoint_url=spec.endpoint_url or environment.endpoint_url,
-            policy=FlushPolicy(
-                max_events=spec.flush_max_events or policy.max_events,
-                max_bytes=spec.flush_max_bytes or policy.max_bytes,
-                max_age_seconds=spec.flush_max_age_seconds or policy.max_age_seconds,
-            ),
-            conditional_writes=environment.conditional_writes,
-        )
+    def _apply_retention(self, retention: RetentionConfig) -> None:
+        self.projector.finished_ttl_seconds = retention.projection_ttl_seconds
+        self.retention.index_max_age_days = retention.project_index_max_age_days
+        self.retention.index_max_size = retention.project_index_max_size
 
 
 async def run_until_signalled(sidecar: Sidecar, stop: asyncio.Event) -> None:

@@ -18,7 +18,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver
+from sidecar.archiver import S3TaskHistoryArchiver
+from sidecar.config import FlushPolicy
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.metrics import Metrics
 from sidecar.sinks import FolderSink

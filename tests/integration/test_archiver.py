@@ -9,14 +9,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.archive_switch import ArchiveTarget
 from sidecar.archiver import (
     UPLOADS_IN_FLIGHT,
     ArchiveIntegrityError,
-    FlushPolicy,
     S3TaskHistoryArchiver,
     object_key,
 )
+from sidecar.config import ArchiveConfig, FlushPolicy
 from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
 from sidecar.metrics import Metrics
 from sidecar.replay import replay_archive
@@ -155,8 +154,8 @@ async def test_runtime_stop_start_and_bucket_change_mid_stream(
     client.create_bucket(Bucket="first")
     client.create_bucket(Bucket="second")
     policy = FlushPolicy(max_events=50, max_bytes=1 << 20, max_age_seconds=0.3)
-    first = ArchiveTarget(enabled=True, bucket="first", policy=policy)
-    second = ArchiveTarget(enabled=True, bucket="second", policy=policy)
+    first = ArchiveConfig(enabled=True, bucket="first", flush=policy)
+    second = ArchiveConfig(enabled=True, bucket="second", flush=policy)
     published: list[dict] = []
 
     async def produce(n: int) -> None:
@@ -168,7 +167,7 @@ async def test_runtime_stop_start_and_bucket_change_mid_stream(
         assert await sidecar.apply_archive_target(first) is None
         await produce(200)
         await asyncio.sleep(0.1)
-        assert await sidecar.apply_archive_target(ArchiveTarget(enabled=False)) is None
+        assert await sidecar.apply_archive_target(ArchiveConfig(enabled=False)) is None
         assert sidecar.metrics.archive_enabled.labels("")._value.get() == 0
         await produce(200)  # archival off: these wait in the stream
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
@@ -177,7 +176,7 @@ async def test_runtime_stop_start_and_bucket_change_mid_stream(
         assert await sidecar.apply_archive_target(second) is None
         await produce(100)
         refused = await sidecar.apply_archive_target(
-            ArchiveTarget(enabled=True, bucket="missing", policy=policy)
+            ArchiveConfig(enabled=True, bucket="missing", flush=policy)
         )
         assert refused is not None and "bucket does not exist" in refused
         assert sidecar.archive.target == second  # last good configuration kept

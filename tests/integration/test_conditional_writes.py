@@ -181,6 +181,5 @@ def test_a_bad_mode_is_one_line_naming_the_variable() -> None:
     assert "\n" not in message
     assert message.startswith("TASK_TRACKING_ARCHIVE_CONDITIONAL_WRITES='on' is invalid")
     assert "'auto', 'enforced' or 'check_before_write'" in message
-    assert load_settings({"TASK_TRACKING_REDIS_URL": "redis://x"}).archive_conditional_writes == (
-        "auto"
-    )
+    settings = load_settings({"TASK_TRACKING_REDIS_URL": "redis://x"})
+    assert settings.archive.conditional_writes == "auto"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.archive_switch import ArchiveTarget
+from sidecar.config import ArchiveConfig
 from sidecar.sinks import S3Sink, SinkError, s3_client_context
 from tests.conftest import MotoServer
 from tests.helpers import running_sidecar, wait_for
@@ -34,7 +34,7 @@ async def test_stop_abandons_a_re_target_check_that_hangs(
     redis_url: str, redis_client: aioredis.Redis, hung_proxy: S3Proxy
 ) -> None:
     async with running_sidecar(redis_url) as sidecar:
-        target = ArchiveTarget(enabled=True, bucket=BUCKET, endpoint_url=hung_proxy.url)
+        target = ArchiveConfig(enabled=True, bucket=BUCKET, endpoint_url=hung_proxy.url)
         switching = asyncio.ensure_future(sidecar.apply_archive_target(target))
         await wait_for(lambda: bool(hung_proxy.requests), message="the check under way")
         started = time.monotonic()

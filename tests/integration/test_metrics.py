@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.archive_switch import ArchiveTarget
+from sidecar.config import ArchiveConfig
 from sidecar.metrics import Metrics
 from tests.conftest import MotoServer
 from tests.helpers import (
@@ -218,7 +218,7 @@ async def test_mixed_run_shows_both_groups_dead_letters_latency_and_archive_stat
 
         # after: switching archival off flushes everything, then the gauge reads 0; the
         # archiver group's figures stay, marked inactive (a backlog while off is visible)
-        assert await sidecar.apply_archive_target(ArchiveTarget(enabled=False)) is None
+        assert await sidecar.apply_archive_target(ArchiveConfig(enabled=False)) is None
         after = await until_scrape(
             sidecar,
             lambda s: s.get("task_tracking_consumer_group_active", group=ARCHIVER) == 0,

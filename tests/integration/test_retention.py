@@ -9,8 +9,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
-from sidecar.archive_switch import ArchiveTarget
-from sidecar.archiver import FlushPolicy
+from sidecar.config import ArchiveConfig, FlushPolicy
 from tests.helpers import (
     ARCHIVER,
     PROJECTOR,
@@ -50,7 +49,7 @@ async def test_switched_off_archiver_pins_then_gap_is_recorded_and_reported(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     folder = tmp_path / "archive"
-    on = ArchiveTarget(enabled=True, sink="folder", folder=folder, policy=FAST)
+    on = ArchiveConfig(enabled=True, sink="folder", folder=folder, flush=FAST)
     first = [event(f"g{n}", "success") for n in range(20)]
     skipped = [event(f"h{n}", "success") for n in range(30)]  # and 5 more below
     later = [event(f"i{n}", "success") for n in range(10)]
@@ -58,7 +57,7 @@ async def test_switched_off_archiver_pins_then_gap_is_recorded_and_reported(
         await sidecar.apply_archive_target(on)
         await publish(redis_client, STREAM, first)
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
-        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
         await publish(redis_client, STREAM, skipped)
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
         await sidecar.retention.trim_stream()
@@ -90,9 +89,9 @@ async def test_hard_cap_counts_what_it_drops_unarchived(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     async with running_sidecar(redis_url, redis_stream_maxlen=25) as sidecar:
-        target = ArchiveTarget(enabled=True, sink="folder", folder=tmp_path, policy=FAST)
+        target = ArchiveConfig(enabled=True, sink="folder", folder=tmp_path, flush=FAST)
         await sidecar.apply_archive_target(target)
-        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
         await publish(redis_client, STREAM, [event(f"c{n}", "success") for n in range(100)])
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
         await sidecar.retention.trim_stream()  # the archiver pins (1 day), the cap does not
@@ -127,7 +126,7 @@ async def test_gap_counts_only_unarchived_entries_and_never_moves_the_archiver_b
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     folder = tmp_path / "archive"
-    on = ArchiveTarget(enabled=True, sink="folder", folder=folder, policy=FAST)
+    on = ArchiveConfig(enabled=True, sink="folder", folder=folder, flush=FAST)
     first = [event(f"p{n}", "success") for n in range(10)]
     stuck = [event("stuck", "success")]
     later = [event(f"q{n}", "success") for n in range(5)]
@@ -136,13 +135,13 @@ async def test_gap_counts_only_unarchived_entries_and_never_moves_the_archiver_b
         await publish(redis_client, STREAM, first)
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
         # a consumer that read one entry and vanished: it stays pending in the archiver group
-        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
         await publish(redis_client, STREAM, stuck)
         await redis_client.xreadgroup(ARCHIVER, "ghost", {STREAM: ">"}, count=1)
         await sidecar.apply_archive_target(on)
         await publish(redis_client, STREAM, later)
         await wait_for(lambda: _archived(folder) == 15, message="later archived")
-        await sidecar.apply_archive_target(ArchiveTarget(enabled=False))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
         sidecar.retention.archive_off_pin_seconds = 0
         await sidecar.retention.trim_stream()

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from sidecar import eventloop
-from sidecar.archive_switch import RetentionSpec
+from sidecar.config import ArchiveConfig, FlushPolicy, RetentionConfig
 from sidecar.devserver import free_port
-from sidecar.operator import ArchiveSpec, ArchiveState, ResourceWatch, parse_archive_spec
+from sidecar.kopf_embedding import ResourceWatch
+from sidecar.resource import ArchiveState, ResourceSpec, parse_spec
 from tests.helpers import SidecarProcess
 
 from .api import KubeAPI
@@ -42,12 +43,13 @@ class FakeControl:
     """Records the specs it is asked to apply; keeps the last good one on a refused bucket."""
 
     def __init__(self) -> None:
-        self.applied: list[ArchiveSpec | None] = []
+        self.applied: list[ResourceSpec | None] = []
         self.current = ArchiveState(archiving=False, bucket=None, prefix="env", last_error=None)
         self.started_tasks: list[asyncio.Task[None]] = []
 
-    async def apply_archive_spec(self, spec: ArchiveSpec | None) -> ArchiveState:
-        self.applied.append(spec)
+    async def apply_archive_spec(self, resource: ResourceSpec | None) -> ArchiveState:
+        self.applied.append(resource)
+        spec = None if resource is None else resource.archive
         # As the runtime restarts its archiver: a task started from the reconfigure path.
         self.started_tasks.append(asyncio.create_task(asyncio.sleep(3600)))
         if spec is None:
@@ -61,6 +63,11 @@ class FakeControl:
     def cleanup(self) -> None:
         for task in self.started_tasks:
             task.cancel()
+
+
+def archive_spec(**archive: Any) -> ResourceSpec:
+    """What the watch hands the control for a spec.archive of these fields."""
+    return ResourceSpec(archive=ArchiveConfig(**archive))
 
 
 def dataclass_replace(state: ArchiveState, **changes: Any) -> ArchiveState:
@@ -158,7 +165,7 @@ async def test_created_resource_is_applied_and_reported(api: KubeAPI, control: F
         await api.create(NS, resource(enabled=True, bucket="archive-bucket", prefix="tt"))
 
         await eventually(condition_applied(control, 1), within=2, what="spec applied")
-        assert control.applied == [ArchiveSpec(enabled=True, bucket="archive-bucket", prefix="tt")]
+        assert control.applied == [archive_spec(enabled=True, bucket="archive-bucket", prefix="tt")]
         own = await eventually(lambda: entry(api), within=2, what="status entry")
         assert own["observedGeneration"] == 1
         assert own["archiving"] is True
@@ -175,7 +182,7 @@ async def test_resource_present_before_start_is_applied(api: KubeAPI, control: F
     await api.create(NS, resource(enabled=False))
     async with running(make_watch(control)):
         await eventually(lambda: entry(api), within=2, what="status entry")
-    assert control.applied == [ArchiveSpec(enabled=False, bucket=None, prefix="task-tracking")]
+    assert control.applied == [archive_spec(enabled=False, bucket=None, prefix="task-tracking")]
 
 
 async def test_spec_change_bumps_generation_and_is_applied(
@@ -193,7 +200,7 @@ async def test_spec_change_bumps_generation_and_is_applied(
             what="generation 2 applied",
         )
         assert own["bucket"] == "second-bucket"
-        assert [s.bucket for s in control.applied if s] == ["first-bucket", "second-bucket"]
+        assert [s.archive.bucket for s in control.applied if s] == ["first-bucket", "second-bucket"]
     assert_no_kopf_bookkeeping(api)
 
 
@@ -275,7 +282,7 @@ async def test_deleted_resource_hands_control_back_to_environment(
         await eventually(lambda: control.applied[-1:] == [None], within=2, what="apply(None)")
         await api.create(NS, resource(enabled=True, bucket="again-bucket"))
         await eventually(lambda: (entry(api) or {}).get("bucket") == "again-bucket")
-    assert control.applied[-1] == ArchiveSpec(
+    assert control.applied[-1] == archive_spec(
         enabled=True, bucket="again-bucket", prefix="task-tracking"
     )
     assert_no_kopf_bookkeeping(api)
@@ -352,7 +359,7 @@ async def test_namespaced_role_watches_the_given_namespace(
         assert not [r for r in api.requests if r.path.endswith("/namespaces")]
         assert not [r for r in api.requests if r.path.endswith("/customresourcedefinitions")]
         assert control.applied == [
-            ArchiveSpec(enabled=True, bucket="archive-bucket", prefix="task-tracking")
+            archive_spec(enabled=True, bucket="archive-bucket", prefix="task-tracking")
         ]
         assert_no_kopf_bookkeeping(api)
 
@@ -446,12 +453,12 @@ async def test_without_credentials_the_watch_stays_off(
 )
 def test_malformed_spec_error_names_the_field(archive: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=rf"^{field}: ") as error:
-        parse_archive_spec({"archive": archive})
+        parse_spec({"archive": archive})
     assert "\n" not in str(error.value)
 
 
 def test_spec_fields_map_from_camel_case() -> None:
-    spec = parse_archive_spec(
+    spec = parse_spec(
         {
             "archive": {
                 "enabled": True,
@@ -464,14 +471,14 @@ def test_spec_fields_map_from_camel_case() -> None:
             "retention": {"projectionTtlSeconds": 60},
         }
     )
-    assert spec == ArchiveSpec(
-        True,
-        "b-bucket",
-        "p",
-        "eu-west-1",
-        "http://minio:9000",
-        10,
-        2048,
-        5,
-        retention=RetentionSpec(projection_ttl_seconds=60),
+    assert spec == ResourceSpec(
+        archive=ArchiveConfig(
+            enabled=True,
+            bucket="b-bucket",
+            prefix="p",
+            region="eu-west-1",
+            endpoint_url="http://minio:9000",
+            flush=FlushPolicy(max_events=10, max_bytes=2048, max_age_seconds=5),
+        ),
+        retention=RetentionConfig(projection_ttl_seconds=60),
     )

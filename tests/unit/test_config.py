@@ -16,9 +16,9 @@ def test_contract_defaults() -> None:
     assert settings.redis_projector_consumer_group == "task-status-projector"
     assert settings.redis_archiver_consumer_group == "task-history-archiver"
     assert settings.redis_consumer_name == "alakai"
-    assert settings.s3_archive_enabled is False
-    assert settings.s3_bucket is None
-    assert settings.s3_prefix == "task-tracking"
+    assert settings.archive.enabled is False
+    assert settings.archive.bucket is None
+    assert settings.archive.prefix == "task-tracking"
     assert settings.http_port == 9470
 
 
@@ -73,3 +73,36 @@ def test_run_with_bad_environment_exits_2_with_one_line_and_no_traceback() -> No
     assert "TASK_TRACKING_REDIS_URL" in result.stderr
     assert "hunter2" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ARCHIVE_FLUSH_MAX_EVENTS", "0", "TASK_TRACKING_ARCHIVE_FLUSH_MAX_EVENTS='0' is invalid"),
+        ("ARCHIVE_FLUSH_MAX_BYTES", "10", "TASK_TRACKING_ARCHIVE_FLUSH_MAX_BYTES='10' is invalid"),
+        ("ARCHIVE_SINK", "folder", "TASK_TRACKING_ARCHIVE_FOLDER is required when"),
+        ("PROJECT_INDEX_MAX_SIZE", "-1", "TASK_TRACKING_PROJECT_INDEX_MAX_SIZE='-1' is invalid"),
+    ],
+)
+def test_the_archive_models_rules_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"TASK_TRACKING_REDIS_URL": "redis://x", f"TASK_TRACKING_{name}": value})
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_environment_fills_the_archive_model_and_empty_means_unset() -> None:
+    settings = load_settings(
+        {
+            "TASK_TRACKING_REDIS_URL": "redis://x",
+            "TASK_TRACKING_S3_BUCKET": "",
+            "TASK_TRACKING_S3_REGION": "",
+            "TASK_TRACKING_ARCHIVE_FLUSH_MAX_EVENTS": "12",
+            "TASK_TRACKING_ARCHIVE_CONDITIONAL_WRITES": "Enforced",
+        }
+    )
+    assert settings.archive.bucket is None and settings.archive.region is None
+    assert settings.archive.flush.max_events == 12
+    assert settings.archive.conditional_writes == "enforced"
+    overridden = load_settings({"TASK_TRACKING_REDIS_URL": "redis://x"}, s3_prefix="other")
+    assert overridden.archive.prefix == "other"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.operator import watched_namespace
+from sidecar.kopf_embedding import watched_namespace
 
 KUBECONFIG = """
 apiVersion: v1
