@@ -228,6 +228,11 @@ class ResourceWatch:
             ready_flag=self.ready,
         )
         eventloop.restore_signal_handlers(saved)  # kopf's replaced the sidecar's
+        logger.info(
+            "kopf started for TaskTracking %r; the sidecar's signal handlers are back",
+            self.resource_name,
+            extra={"resource": self.resource_name},
+        )
         await kopf.run_tasks(tasks, ignored=ForeignTasks(owners, self))
 
     # ------------------------------------------------------------------ handling

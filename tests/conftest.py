@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -170,3 +171,38 @@ def s3_environment(server: MotoServer) -> dict[str, str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": server.url,
     }
+
+
+# ---- Kubernetes ----------------------------------------------------------
+
+KUBE_NAMESPACE = "apps"
+KUBE_RESOURCE = "task-tracking"
+# For a test that runs on the in-memory API and, with `-m k8s`, on a real cluster.
+MEMORY_AND_CLUSTER = pytest.mark.parametrize(
+    "api", ["memory", pytest.param("cluster", marks=pytest.mark.k8s)], indirect=True
+)
+
+
+@pytest.fixture
+async def api(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Any]:
+    """The tests' in-memory Kubernetes API (tests/kube/api.py) with the namespace
+    `KUBE_NAMESPACE`, KUBECONFIG pointing at it. Parametrized with "cluster"
+    (`MEMORY_AND_CLUSTER`): the cluster KUBECONFIG names, `KUBE_RESOURCE` deleted around
+    the test."""
+    if getattr(request, "param", "memory") == "cluster":
+        from tests.kube.cluster import ClusterAPI
+
+        cluster = ClusterAPI()
+        cluster.ensure_namespace(KUBE_NAMESPACE)
+        await cluster.delete(KUBE_NAMESPACE, KUBE_RESOURCE)
+        yield cluster
+        await cluster.delete(KUBE_NAMESPACE, KUBE_RESOURCE)
+        return
+    from tests.kube.api import KubeAPI
+
+    async with KubeAPI() as server:
+        server.ensure_namespace(KUBE_NAMESPACE)
+        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+        yield server

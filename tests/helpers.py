@@ -84,21 +84,89 @@ async def publish(client: aioredis.Redis, stream: str, events: Iterable[Any]) ->
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    condition: Callable[[], Awaitable[Any]] | Callable[[], Any],
     timeout: float = 20.0,
     message: str = "condition",
-) -> None:
-    """Poll `condition` until true; fail with `message` after `timeout` seconds."""
+) -> Any:
+    """Poll `condition` until truthy and return its value; fail with `message` after
+    `timeout` seconds. The tests' one polling helper."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if asyncio.iscoroutine(result):
             result = await result
         if result:
-            return
+            return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(0.05)
+
+
+class Producer:
+    """Keeps publishing in the background, a batch every 50 ms, and records what entered the
+    stream: `valid` events (and `valid_raw`, their bytes as published) and `invalid_ids`.
+
+    `make(n)` is the n-th item: a dict is a valid event, bytes go in as they are (an invalid
+    one). A batch Redis refuses (the fault tests stop it) never entered the stream and is
+    not recorded. With `owns_client`, `stop()` closes the client.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        make: Callable[[int], dict[str, Any] | bytes] | None = None,
+        *,
+        batch: int = 20,
+        owns_client: bool = False,
+    ) -> None:
+        self.client = client
+        self.make = make or (lambda n: event(f"k{n}", "success", 1_773_568_800_000 + n))
+        self.batch = batch
+        self.owns_client = owns_client
+        self.valid: list[dict[str, Any]] = []
+        self.valid_raw: list[bytes] = []
+        self.invalid_ids: list[str] = []
+        self.paused = asyncio.Event()
+        self._n = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            if self.paused.is_set():
+                await asyncio.sleep(0.05)
+                continue
+            items = [self.make(self._n + i) for i in range(self.batch)]
+            self._n += self.batch
+            try:
+                ids = await publish(self.client, STREAM, items)
+            except Exception:
+                await asyncio.sleep(0.1)  # Redis away: these never entered the stream
+                continue
+            for item, entry_id in zip(items, ids, strict=True):
+                if isinstance(item, dict):
+                    self.valid.append(item)
+                    self.valid_raw.append(orjson.dumps(item))
+                else:
+                    self.invalid_ids.append(entry_id)
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        # A flag, not cancel(): redis-py can turn a cancellation into a TimeoutError,
+        # which the retry above would swallow, and the producer would go on forever.
+        assert self._task is not None
+        self._stopping.set()
+        await self._task
+        if self.owns_client:
+            await self.client.aclose()
+
+    async def published_more(self, count: int, timeout: float = 20.0) -> None:
+        """Wait until `count` more valid events than now entered the stream."""
+        target = len(self.valid) + count
+        await wait_for(lambda: len(self.valid) >= target, timeout, f"{count} more events")
 
 
 async def group_pending(client: aioredis.Redis, stream: str, group: str) -> int:

@@ -29,8 +29,8 @@ from tests.conftest import MotoServer
 from tests.faults.test_faults import (
     BUCKET,
     T0,
-    Producer,
     check_invariant,
+    fault_producer,
     redis_server,
     s3_proxy,
     sidecar,
@@ -73,7 +73,7 @@ async def test_kill_9_mid_upload_behind_a_server_that_ignores_if_none_match(
     s3_proxy.strip_if_none_match = True
     s3_proxy.delay_methods = {"PUT"}
     s3_proxy.delay = 1.5  # an object lands at once, its PUT's reply 1.5 s later
-    producer = Producer(redis_server.url, seed=4)  # not started: the events are ours
+    producer = fault_producer(redis_server.url, seed=4)  # not started: the events are ours
     events = [event(f"k{n}", "success", T0 + n, project="org/repo") for n in range(300)]
     producer.valid = events
     producer.valid_raw = [orjson.dumps(e) for e in events]
@@ -131,7 +131,7 @@ async def test_kill_9_mid_upload_behind_a_server_that_ignores_if_none_match(
 async def test_never_answering_s3_for_30_s_with_a_sigterm_in_the_middle(
     redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
 ) -> None:
-    producer = Producer(redis_server.url, seed=5)
+    producer = fault_producer(redis_server.url, seed=5)
     process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a")
     port = with_http_port(process)
     figures: dict[str, Any] = {"hang_s": 30}

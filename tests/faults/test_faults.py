@@ -27,6 +27,7 @@ from tests.helpers import (
     ARCHIVER,
     PROJECTOR,
     STREAM,
+    Producer,
     SidecarProcess,
     archive_objects_s3,
     check_exactly_once,
@@ -47,69 +48,25 @@ DAY = 86_400_000
 T0 = 1_773_568_800_000
 
 
-class Producer:
-    """Publishes a steady mix of valid and invalid events, recording what entered the stream."""
+def fault_producer(url: str, seed: int, rate: int = 400) -> Producer:
+    """A steady mix of valid and invalid events (`rate` a second), over a client of its own."""
+    rng = random.Random(seed)
 
-    def __init__(self, url: str, seed: int, rate: int = 400) -> None:
-        self.client = aioredis.Redis.from_url(url)
-        self.rng = random.Random(seed)
-        self.rate = rate
-        self.valid: list[dict[str, Any]] = []
-        self.valid_raw: list[bytes] = []
-        self.invalid_ids: list[str] = []
-        self.paused = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._n = 0
-
-    def _next(self) -> bytes | dict[str, Any]:
-        self._n += 1
-        if self.rng.random() < 0.1:
-            return self.rng.choice(
+    def make(_: int) -> bytes | dict[str, Any]:
+        if rng.random() < 0.1:
+            return rng.choice(
                 [b"not json", b"[]", orjson.dumps(event(project="../x")), b'{"eventId": 1}']
             )
-        execution = f"f{self.rng.randrange(300)}"
+        execution = f"f{rng.randrange(300)}"
         return event(
             execution,
-            self.rng.choice(["in_progress", "success", "error"]),
-            T0 + self.rng.randrange(3) * DAY + self.rng.randrange(5000),
-            project=f"org{self.rng.randrange(4)}/repo",
+            rng.choice(["in_progress", "success", "error"]),
+            T0 + rng.randrange(3) * DAY + rng.randrange(5000),
+            project=f"org{rng.randrange(4)}/repo",
         )
 
-    async def run(self) -> None:
-        batch = max(1, self.rate // 20)
-        while not self._stopping.is_set():
-            if self.paused.is_set():
-                await asyncio.sleep(0.05)
-                continue
-            items = [self._next() for _ in range(batch)]
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for item in items:
-                        payload = orjson.dumps(item) if isinstance(item, dict) else item
-                        pipe.xadd(STREAM, {"event": payload})
-                    ids = await pipe.execute()
-            except Exception:
-                await asyncio.sleep(0.1)  # Redis away: these never entered the stream
-                continue
-            for item, entry_id in zip(items, ids, strict=True):
-                if isinstance(item, dict):
-                    self.valid.append(item)
-                    self.valid_raw.append(orjson.dumps(item))
-                else:
-                    self.invalid_ids.append(entry_id.decode())
-            await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run())
-
-    async def stop(self) -> None:
-        # A flag, not cancel(): redis-py can turn a cancellation into a TimeoutError,
-        # which the retry above would swallow, and the producer would go on forever.
-        assert self._task is not None
-        self._stopping.set()
-        await self._task
-        await self.client.aclose()
+    client = aioredis.Redis.from_url(url)
+    return Producer(client, make, batch=max(1, rate // 20), owns_client=True)
 
 
 @pytest.fixture
@@ -193,7 +150,7 @@ async def test_repeated_sigkill_while_uploads_are_in_flight(
 ) -> None:
     rng = random.Random(1)
     s3_proxy.delay = 0.15  # widen the window between a write and its acknowledgement
-    producer = Producer(redis_server.url, seed=1)
+    producer = fault_producer(redis_server.url, seed=1)
     process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a").start()
     producer.start()
     kills = 0
@@ -238,7 +195,7 @@ async def test_repeated_sigkill_while_uploads_are_in_flight(
 async def test_redis_restart_and_s3_outage_mid_run(
     redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
 ) -> None:
-    producer = Producer(redis_server.url, seed=2)
+    producer = fault_producer(redis_server.url, seed=2)
     process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a").start()
     producer.start()
     try:
@@ -264,7 +221,7 @@ async def test_three_replicas_one_killed_for_good(
     redis_server: DevServer, s3: MotoServer, s3_proxy: S3Proxy, tmp_path: Path
 ) -> None:
     s3_proxy.delay = 0.05
-    producer = Producer(redis_server.url, seed=3, rate=600)
+    producer = fault_producer(redis_server.url, seed=3, rate=600)
     replicas = [sidecar(redis_server, s3_proxy, s3, tmp_path, f"pod-{n}").start() for n in "abc"]
     producer.start()
     try:

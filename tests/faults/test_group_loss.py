@@ -9,7 +9,6 @@ ends with the same invariant check and figures line as the other fault tests.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ import redis.asyncio as aioredis
 from sidecar.devserver import DevServer
 from tests.conftest import MotoServer
 from tests.faults.test_faults import (  # noqa: F401 - fixtures used by name
-    Producer,
     check_invariant,
+    fault_producer,
     redis_server,
     s3_proxy,
     sidecar,
@@ -56,7 +55,7 @@ async def test_archiver_group_destroyed_after_a_trim_while_publishing_and_after_
     tmp_path: Path,
 ) -> None:
     s3_proxy.delay = 0.05
-    producer = Producer(redis_server.url, seed=11)
+    producer = fault_producer(redis_server.url, seed=11)
     process = sidecar(redis_server, s3_proxy, s3, tmp_path, "pod-a").start()
     client = aioredis.Redis.from_url(redis_server.url)
     producer.start()
@@ -68,15 +67,15 @@ async def test_archiver_group_destroyed_after_a_trim_while_publishing_and_after_
         await wait_for(lambda: _trimmed_past(client, first), 40, "the stream trimmed")
         await client.xgroup_destroy(STREAM, ARCHIVER)
         await wait_for(lambda: process.log().count(RECREATED) == 1, 20, "group re-created")
-        await asyncio.sleep(1.5)  # publishing into the re-created group
+        await producer.published_more(600)  # publishing into the re-created group
 
         process.kill()  # kill -9 with buffers, uploads and acknowledgements in flight
         await wait_for(lambda: _group_exists(client), message="group there")
         await client.xgroup_destroy(STREAM, ARCHIVER)  # and lost again while it is down
-        await asyncio.sleep(1)
+        await producer.published_more(400)  # published while it is down
         process.start()
         await wait_for(lambda: process.log().count(RECREATED) == 2, 20, "re-created again")
-        await asyncio.sleep(1.5)
+        await producer.published_more(600)
         await producer.stop()
         s3_proxy.delay = 0
         figures = {"trimmed_before_loss": 1, "groups_destroyed": 2, "kills": 1}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import orjson
@@ -166,7 +165,8 @@ async def test_runtime_stop_start_and_bucket_change_mid_stream(
     async with running_sidecar(redis_url) as sidecar:
         assert await sidecar.apply_archive_target(first) is None
         await produce(200)
-        await asyncio.sleep(0.1)
+        # the archiver has them in hand (buffered, not all flushed) when it is switched off
+        await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER))
         assert await sidecar.apply_archive_target(ArchiveConfig(enabled=False)) is None
         assert sidecar.metrics.archive_enabled.labels("")._value.get() == 0
         await produce(200)  # archival off: these wait in the stream

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -276,14 +275,6 @@ async def test_archive_failures_by_reason_and_ready_gauge_without_readyz_calls(
     objects = archive_objects_s3(s3.client(), "not-yet")
     assert len(objects) == 1
     assert after.get("task_tracking_archive_bytes_total") == sum(map(len, objects.values()))
-
-
-@pytest.fixture
-async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KubeAPI]:
-    async with KubeAPI() as server:
-        server.ensure_namespace("apps")
-        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-        yield server
 
 
 async def test_resource_generation_and_archive_gauge_follow_the_custom_resource(

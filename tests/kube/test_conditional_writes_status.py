@@ -8,12 +8,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.conftest import MotoServer
+from tests.conftest import MEMORY_AND_CLUSTER, MotoServer
 from tests.helpers import running_sidecar, wait_for
-from tests.kube.test_sidecar_resource import NAME, NS, api, own_entry, resource
+from tests.kube.test_sidecar_resource import NAME, NS, own_entry, resource
 from tests.s3proxy import S3Proxy
 
-__all__ = ["api"]  # the fixture, shared with test_sidecar_resource
+pytestmark = MEMORY_AND_CLUSTER  # as test_sidecar_resource
 
 
 async def test_the_status_entry_names_the_mode_of_each_target(

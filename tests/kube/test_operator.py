@@ -21,12 +21,13 @@ from sidecar.config import ArchiveConfig, FlushPolicy, RetentionConfig
 from sidecar.devserver import free_port
 from sidecar.kopf_embedding import ResourceWatch
 from sidecar.resource import ArchiveState, ResourceSpec, parse_spec
-from tests.helpers import SidecarProcess
+from tests.conftest import KUBE_NAMESPACE, KUBE_RESOURCE
+from tests.helpers import SidecarProcess, wait_for
 
 from .api import KubeAPI
 
-NS = "apps"
-NAME = "task-tracking"
+NS = KUBE_NAMESPACE
+NAME = KUBE_RESOURCE
 REFUSED_BUCKET = "refused-bucket"  # FakeControl refuses it, as the runtime would a bad bucket
 
 
@@ -74,28 +75,6 @@ def dataclass_replace(state: ArchiveState, **changes: Any) -> ArchiveState:
     import dataclasses
 
     return dataclasses.replace(state, **changes)
-
-
-async def eventually(
-    condition: Callable[[], Any], *, within: float = 5.0, what: str = "condition"
-) -> Any:
-    """Poll until condition() is truthy; return its value, or fail after the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KubeAPI]:
-    async with KubeAPI() as server:
-        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-        yield server
 
 
 @pytest.fixture
@@ -153,6 +132,19 @@ def assert_no_kopf_bookkeeping(api: KubeAPI) -> None:
         assert set(request.body["status"]) <= {"sidecars", "applied", "archiving"}, request
 
 
+def handled_events(watch: ResourceWatch) -> list[Any]:
+    """Records the type of each event once the watch's handler has returned from it."""
+    seen: list[Any] = []
+    handler = watch._on_event
+
+    async def recording(**kwargs: Any) -> None:
+        await handler(**kwargs)
+        seen.append(kwargs.get("type"))
+
+    watch._on_event = recording  # type: ignore[method-assign]  # kopf registers it at run()
+    return seen
+
+
 def condition_applied(control: FakeControl, count: int) -> Callable[[], bool]:
     return lambda: len(control.applied) >= count
 
@@ -164,16 +156,16 @@ async def test_created_resource_is_applied_and_reported(api: KubeAPI, control: F
     async with running(make_watch(control)):
         await api.create(NS, resource(enabled=True, bucket="archive-bucket", prefix="tt"))
 
-        await eventually(condition_applied(control, 1), within=2, what="spec applied")
+        await wait_for(condition_applied(control, 1), timeout=2, message="spec applied")
         assert control.applied == [archive_spec(enabled=True, bucket="archive-bucket", prefix="tt")]
-        own = await eventually(lambda: entry(api), within=2, what="status entry")
+        own = await wait_for(lambda: entry(api), timeout=2, message="status entry")
         assert own["observedGeneration"] == 1
         assert own["archiving"] is True
         assert own["bucket"] == "archive-bucket"
         assert own["prefix"] == "tt"
         assert own["lastError"] == ""
         assert own["updatedAt"].endswith("Z")
-        await eventually(lambda: status(api).get("applied") == "1/1", what="applied 1/1")
+        await wait_for(lambda: status(api).get("applied") == "1/1", message="applied 1/1")
         assert status(api)["archiving"] is True
     assert_no_kopf_bookkeeping(api)
 
@@ -181,7 +173,7 @@ async def test_created_resource_is_applied_and_reported(api: KubeAPI, control: F
 async def test_resource_present_before_start_is_applied(api: KubeAPI, control: FakeControl) -> None:
     await api.create(NS, resource(enabled=False))
     async with running(make_watch(control)):
-        await eventually(lambda: entry(api), within=2, what="status entry")
+        await wait_for(lambda: entry(api), timeout=2, message="status entry")
     assert control.applied == [archive_spec(enabled=False, bucket=None, prefix="task-tracking")]
 
 
@@ -190,14 +182,14 @@ async def test_spec_change_bumps_generation_and_is_applied(
 ) -> None:
     async with running(make_watch(control)):
         await api.create(NS, resource(enabled=True, bucket="first-bucket"))
-        await eventually(lambda: (entry(api) or {}).get("observedGeneration") == 1)
+        await wait_for(lambda: (entry(api) or {}).get("observedGeneration") == 1)
 
         await api.patch_spec(NS, NAME, {"archive": {"bucket": "second-bucket"}})
 
-        own = await eventually(
+        own = await wait_for(
             lambda: (e := entry(api)) and e["observedGeneration"] == 2 and e,
-            within=2,
-            what="generation 2 applied",
+            timeout=2,
+            message="generation 2 applied",
         )
         assert own["bucket"] == "second-bucket"
         assert [s.archive.bucket for s in control.applied if s] == ["first-bucket", "second-bucket"]
@@ -205,20 +197,30 @@ async def test_spec_change_bumps_generation_and_is_applied(
 
 
 async def test_status_writes_do_not_reapply_or_loop(api: KubeAPI, control: FakeControl) -> None:
-    async with running(make_watch(control)):
+    watch = make_watch(control)
+    handled = handled_events(watch)
+    async with running(watch):
         await api.create(NS, resource(enabled=True, bucket="archive-bucket"))
-        await eventually(lambda: status(api).get("applied") == "1/1", what="settled status")
+        await wait_for(lambda: status(api).get("applied") == "1/1", message="settled status")
         settled = len(status_patches(api))
 
         # Another writer's status change wakes the watch; it must neither re-apply nor answer.
+        seen = len(handled)
         await api.patch_status(NS, NAME, {"note": "written by someone else"})
-        rv = api.resource_version
-        await asyncio.sleep(1.5)  # the window over which writes are counted, not a wait
+        await wait_for(lambda: len(handled) > seen, message="the watch handled the note")
+        # A spec change after it: kopf handles one resource's events in order, so any
+        # answer to the note (a status write) would be in before the answer to this one.
+        await api.patch_spec(NS, NAME, {"archive": {"enabled": True, "bucket": "late-bucket"}})
+        await wait_for(lambda: (entry(api) or {}).get("bucket") == "late-bucket")
 
-        assert len(control.applied) == 1
-        own_writes = len(status_patches(api)) - settled  # the external patch is not HTTP
-        assert own_writes == 0, [r.body for r in status_patches(api)[settled:]]
-        assert api.resource_version == rv
+        assert [s.archive.bucket for s in control.applied if s] == ["archive-bucket", "late-bucket"]
+        answers = [
+            r.body
+            for r in status_patches(api)[settled:]  # the external patch is not HTTP
+            if (r.body["status"].get("sidecars") or {}).get("pod-a", {}).get("observedGeneration")
+            != 2
+        ]
+        assert answers == [], "the sidecar answered another writer's status change"
         assert settled <= 2  # the entry, then at most one summary correction
     assert_no_kopf_bookkeeping_except_note(api)
 
@@ -234,23 +236,23 @@ async def test_refused_spec_reports_error_keeps_last_good_and_posts_event(
 ) -> None:
     async with running(make_watch(control)):
         await api.create(NS, resource(enabled=True, bucket="good-bucket"))
-        await eventually(lambda: (entry(api) or {}).get("observedGeneration") == 1)
+        await wait_for(lambda: (entry(api) or {}).get("observedGeneration") == 1)
 
         await api.patch_spec(NS, NAME, {"archive": {"bucket": REFUSED_BUCKET}})
 
-        own = await eventually(
-            lambda: (e := entry(api)) and e["lastError"] and e, what="lastError in status"
+        own = await wait_for(
+            lambda: (e := entry(api)) and e["lastError"] and e, message="lastError in status"
         )
         assert own["observedGeneration"] == 2
         assert "refused" in own["lastError"]
         assert own["bucket"] == "good-bucket"  # the last good configuration still runs
         assert control.current.bucket == "good-bucket"
-        event = await eventually(lambda: api.events, what="a Kubernetes Event")
+        event = await wait_for(lambda: api.events, message="a Kubernetes Event")
         assert event[0]["type"] == "Warning"
         assert event[0]["reason"] == "InvalidSpec"
         assert "refused" in event[0]["message"]
         assert event[0]["involvedObject"]["name"] == NAME
-        await eventually(lambda: status(api).get("applied") == "0/1", what="applied 0/1")
+        await wait_for(lambda: status(api).get("applied") == "0/1", message="applied 0/1")
     assert_no_kopf_bookkeeping(api)
 
 
@@ -259,15 +261,15 @@ async def test_malformed_spec_is_refused_without_calling_the_runtime(
 ) -> None:
     async with running(make_watch(control)):
         await api.create(NS, resource(enabled=True, bucket="good-bucket"))
-        await eventually(lambda: (entry(api) or {}).get("observedGeneration") == 1)
+        await wait_for(lambda: (entry(api) or {}).get("observedGeneration") == 1)
 
         await api.patch_spec(NS, NAME, {"archive": {"enabled": "yes please"}})
 
-        own = await eventually(lambda: (e := entry(api)) and e["lastError"] and e)
+        own = await wait_for(lambda: (e := entry(api)) and e["lastError"] and e)
         assert own["lastError"].startswith("spec.archive.enabled:")
         assert "\n" not in own["lastError"]
         assert len(control.applied) == 1
-        await eventually(lambda: api.events, what="a Kubernetes Event")
+        await wait_for(lambda: api.events, message="a Kubernetes Event")
 
 
 async def test_deleted_resource_hands_control_back_to_environment(
@@ -275,13 +277,13 @@ async def test_deleted_resource_hands_control_back_to_environment(
 ) -> None:
     async with running(make_watch(control)):
         await api.create(NS, resource(enabled=True, bucket="archive-bucket"))
-        await eventually(lambda: entry(api), what="status entry")
+        await wait_for(lambda: entry(api), message="status entry")
 
         await api.delete(NS, NAME)
 
-        await eventually(lambda: control.applied[-1:] == [None], within=2, what="apply(None)")
+        await wait_for(lambda: control.applied[-1:] == [None], timeout=2, message="apply(None)")
         await api.create(NS, resource(enabled=True, bucket="again-bucket"))
-        await eventually(lambda: (entry(api) or {}).get("bucket") == "again-bucket")
+        await wait_for(lambda: (entry(api) or {}).get("bucket") == "again-bucket")
     assert control.applied[-1] == archive_spec(
         enabled=True, bucket="again-bucket", prefix="task-tracking"
     )
@@ -297,17 +299,17 @@ async def test_two_sidecars_write_only_their_own_entries(
         # Each sidecar logs in with its own token, so the request log tells them apart.
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "a", token="a")))
         async with running(make_watch(control_a, "pod-a")):
-            await eventually(lambda: entry(api, "pod-a"), what="pod-a entry")
+            await wait_for(lambda: entry(api, "pod-a"), message="pod-a entry")
             monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "b", token="b")))
             async with running(make_watch(control_b, "pod-b")):
-                await eventually(lambda: status(api).get("applied") == "2/2", what="2/2")
+                await wait_for(lambda: status(api).get("applied") == "2/2", message="2/2")
                 await api.patch_spec(NS, NAME, {"archive": {"prefix": "moved"}})
-                await eventually(
+                await wait_for(
                     lambda: (
                         status(api).get("applied") == "2/2"
                         and all(e["prefix"] == "moved" for e in status(api)["sidecars"].values())
                     ),
-                    what="both at generation 2",
+                    message="both at generation 2",
                 )
     finally:
         control_a.cleanup()
@@ -326,19 +328,19 @@ async def test_stale_entry_of_gone_pod_is_removed(api: KubeAPI, control: FakeCon
     gone = {"observedGeneration": 1, "archiving": False, "updatedAt": "2020-01-01T00:00:00Z"}
     live = {"observedGeneration": 1, "archiving": False, "updatedAt": "2020-01-01T00:00:00Z"}
     async with running(make_watch(control)):
-        await eventually(lambda: entry(api), what="own entry")
+        await wait_for(lambda: entry(api), message="own entry")
         await api.patch_status(NS, NAME, {"sidecars": {"gone-pod": gone}})
-        await eventually(lambda: status(api).get("applied") == "2/2", what="gone pod counted")
+        await wait_for(lambda: status(api).get("applied") == "2/2", message="gone pod counted")
 
         await api.patch_spec(NS, NAME, {"archive": {"prefix": "next"}})
 
-        await eventually(lambda: entry(api, "gone-pod") is None, what="gone-pod pruned")
-        await eventually(lambda: status(api).get("applied") == "1/1", what="applied 1/1")
+        await wait_for(lambda: entry(api, "gone-pod") is None, message="gone-pod pruned")
+        await wait_for(lambda: status(api).get("applied") == "1/1", message="applied 1/1")
         # An old entry that is at the current generation is not stale: it is a quiet sidecar.
         await api.patch_status(
             NS, NAME, {"sidecars": {"quiet-pod": {**live, "observedGeneration": 2}}}
         )
-        await eventually(lambda: status(api).get("applied") == "2/2", what="quiet pod counted")
+        await wait_for(lambda: status(api).get("applied") == "2/2", message="quiet pod counted")
         assert entry(api, "quiet-pod") is not None
 
 
@@ -349,7 +351,7 @@ async def test_namespaced_role_watches_the_given_namespace(
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig")))
         async with running(make_watch(control)):
             await api.create(NS, resource(enabled=True, bucket="archive-bucket"))
-            await eventually(lambda: status(api).get("applied") == "1/1", within=2)
+            await wait_for(lambda: status(api).get("applied") == "1/1", timeout=2)
 
         # No cluster-scoped list or watch was even tried: kopf 1.45 would retry the 403s
         # for about a minute before falling back to the given namespace.
@@ -369,13 +371,13 @@ async def test_watch_restarts_after_timeout_and_410_gone(
 ) -> None:
     async with running(make_watch(control, watch_timeout=0.5)):
         await api.create(NS, resource(enabled=False))
-        await eventually(lambda: entry(api), what="own entry")
+        await wait_for(lambda: entry(api), message="own entry")
         api.compact()  # the next re-watch from the old resourceVersion gets 410 Gone
         lists_before = len(lists(api))
-        await eventually(lambda: len(lists(api)) > lists_before, what="a re-list after 410")
+        await wait_for(lambda: len(lists(api)) > lists_before, message="a re-list after 410")
         assert api.expired_watches >= 1
         await api.patch_spec(NS, NAME, {"archive": {"enabled": True, "bucket": "late-bucket"}})
-        await eventually(lambda: (entry(api) or {}).get("bucket") == "late-bucket")
+        await wait_for(lambda: (entry(api) or {}).get("bucket") == "late-bucket")
 
 
 async def test_stop_cancels_no_tasks_kopf_did_not_create(
@@ -384,7 +386,7 @@ async def test_stop_cancels_no_tasks_kopf_did_not_create(
     async with running(make_watch(control)):
         bystander = asyncio.create_task(asyncio.sleep(3600))  # e.g. a sidecar worker
         await api.create(NS, resource(enabled=True, bucket="archive-bucket"))
-        await eventually(lambda: control.started_tasks, what="apply started a task")
+        await wait_for(lambda: control.started_tasks, message="apply started a task")
     try:
         assert not bystander.done()
         assert not any(t.done() for t in control.started_tasks)
@@ -400,9 +402,9 @@ async def test_signal_handlers_of_the_sidecar_survive_kopf(
     try:
         async with running(make_watch(control)):
             os.kill(os.getpid(), signal.SIGTERM)
-            await eventually(lambda: received == ["sidecar"], what="the sidecar's handler ran")
+            await wait_for(lambda: received == ["sidecar"], message="the sidecar's handler ran")
         os.kill(os.getpid(), signal.SIGTERM)
-        await eventually(lambda: received == ["sidecar"] * 2, what="still the sidecar's")
+        await wait_for(lambda: received == ["sidecar"] * 2, message="still the sidecar's")
     finally:
         eventloop.remove_signal_handler(signal.SIGTERM)
 
@@ -422,8 +424,12 @@ async def test_sidecar_process_with_the_watch_on_stops_on_sigterm(
     sidecar = SidecarProcess(env, tmp_path / "sidecar.log").start()
     try:
         watching = lambda: any(r.query.get("watch") for r in api.requests)  # noqa: E731
-        await eventually(watching, within=30, what="the process watches the resource")
-        await asyncio.sleep(0.5)  # kopf has installed its handlers by now
+        await wait_for(watching, timeout=30, message="the process watches the resource")
+        await wait_for(
+            lambda: "the sidecar's signal handlers are back" in sidecar.log(),
+            timeout=30,
+            message="kopf started and the sidecar's handlers put back",
+        )
         assert await asyncio.to_thread(sidecar.terminate, 20) == 0, sidecar.log()
     finally:
         sidecar.kill()

@@ -6,36 +6,31 @@ The whole run is checked for exactly-once archival at the end, across every swit
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import MotoServer
+from tests.conftest import KUBE_NAMESPACE, KUBE_RESOURCE, MEMORY_AND_CLUSTER, MotoServer
 from tests.helpers import (
     ARCHIVER,
     PROJECTOR,
     STREAM,
+    Producer,
     archive_objects_s3,
     check_exactly_once,
-    event,
     group_done,
     group_unacked,
-    publish,
     running_sidecar,
     wait_for,
 )
 
 from .api import KubeAPI
-from .cluster import ClusterAPI
 
-NS = "apps"
-NAME = "task-tracking"
+NS = KUBE_NAMESPACE
+NAME = KUBE_RESOURCE
+pytestmark = MEMORY_AND_CLUSTER
 FLUSH = {"maxEvents": 100, "maxAgeSeconds": 1}
 
 
@@ -48,53 +43,8 @@ def resource(**archive: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(params=["memory", pytest.param("cluster", marks=pytest.mark.k8s)])
-async def api(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Any]:
-    """The tests' in-memory Kubernetes API; with `-m k8s`, the cluster KUBECONFIG names."""
-    if request.param == "cluster":
-        cluster = ClusterAPI()
-        cluster.ensure_namespace(NS)
-        await cluster.delete(NS, NAME)
-        yield cluster
-        await cluster.delete(NS, NAME)
-        return
-    async with KubeAPI() as server:
-        server.ensure_namespace(NS)
-        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-        yield server
-
-
 def events(api: Any) -> list[Any]:
     return api.events if isinstance(api, KubeAPI) else api.events_in(NS)
-
-
-class Producer:
-    """Keeps publishing valid events in the background, recording them."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self.published: list[bytes] = []
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-
-    async def _run(self) -> None:
-        n = 0
-        while not self._stopping.is_set():
-            batch = [event(f"k{n + i}", "success", 1_773_568_800_000 + n + i) for i in range(20)]
-            await publish(self.client, STREAM, batch)
-            self.published += [orjson.dumps(e) for e in batch]
-            n += 20
-            await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        assert self._task is not None
-        self._stopping.set()  # not cancel(): a cancelled redis-py call can hang or be swallowed
-        await self._task
 
 
 def own_entry(api: Any, pod: str) -> dict[str, Any]:
@@ -179,7 +129,7 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), timeout=30)
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), timeout=30)
     objects = archive_objects_s3(client, "first") | archive_objects_s3(client, "second")
-    figures = check_exactly_once(objects, producer.published)
+    figures = check_exactly_once(objects, producer.valid_raw)
     print("\nresource run:", figures, "flips applied after (s):", [f"{f:.2f}" for f in flips])
 
 
@@ -188,7 +138,7 @@ async def _grew(client: aioredis.Redis, before: int) -> bool:
 
 
 async def _projected_recent(client: aioredis.Redis, producer: Producer) -> bool:
-    last = orjson.loads(producer.published[-1])
+    last = orjson.loads(producer.valid_raw[-1])
     return bool(await client.exists(f"task-tracking:execution:{last['executionId']}"))
 
 
