@@ -54,7 +54,7 @@ def own_entry(api: Any, pod: str) -> dict[str, Any]:
 
 
 async def applied_within_2s(api: Any, sidecar: Any, pod: str, expect: Any) -> float:
-    """Wait until the sidecar runs `expect` (an ArchiveTarget predicate) and reports the
+    """Wait until the sidecar runs `expect` (an ArchiveConfig predicate) and reports the
     resource's current generation; returns the seconds it took."""
     started = time.monotonic()
     generation = (api.get(NS, NAME) or {}).get("metadata", {}).get("generation")
