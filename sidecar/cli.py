@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from sidecar import eventloop
+from sidecar import __version__, eventloop
 from sidecar.config import ConfigError, Settings, load_settings, redact
-from sidecar.events import describe_event_error
+from sidecar.connections import redis_hint
+from sidecar.events import PROJECT_RE, describe_event_error
 from sidecar.logs import configure_logging
 
-# Where `task-tracking dev` leaves its Redis URL, so the other commands find it.
-DEV_URL_FILE = Path(tempfile.gettempdir()) / "task-tracking-dev.url"
 EXIT_CONFIG = 2
+# What a shell reports for a command killed by SIGPIPE (128 + 13): `list | head`.
+EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return eventloop.run(command(args))
     except ConfigError as exc:
-        print(f"task-tracking: {exc}", file=sys.stderr)
+        print(f"task-tracking: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except RedisError as exc:
-        print(f"task-tracking: Redis: {redact(str(exc))}", file=sys.stderr)
+        print(f"task-tracking: Redis: {redact(str(exc))}{redis_hint(exc)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`list | head`): stop quietly
+        # Python flushes stdout again at exit, which would complain once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # e.g. the HTTP port is taken
         if exc.errno == errno.EADDRINUSE:
             print(
@@ -55,11 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (and exit 2) like a bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="task-tracking",
         description="Task tracking sidecar: Redis Stream -> latest-status projection + S3 archive.",
+        epilog="Configuration: TASK_TRACKING_* environment variables (README 'Configuration').",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"task-tracking {__version__}",
+        help="print the version and exit",
+    )  # fmt: skip
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -70,49 +85,121 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser(
         "dev", help="run the sidecar on embedded defaults: private Valkey, local-folder archive"
     )
-    dev.add_argument("--archive-folder", type=Path, default=Path("task-tracking-archive"))
+    dev.add_argument(
+        "--archive-folder", type=Path, default=None,
+        help="where archive objects are written (default: .task-tracking-dev/archive)",
+    )  # fmt: skip
     dev.set_defaults(command=cmd_dev)
 
-    emit = commands.add_parser("emit", help="publish one event")
-    emit.add_argument("--execution-id", required=True)
-    emit.add_argument("--task", dest="task_name", required=True, help="taskName")
-    emit.add_argument("--project", required=True, help="owner/repo")
-    emit.add_argument("--status", required=True, choices=["in_progress", "success", "error"])
+    emit = commands.add_parser(
+        "emit", help="publish one event (or JSON lines from standard input with --stdin)"
+    )
+    emit.add_argument("--execution-id", help="executionId (required without --stdin)")
+    emit.add_argument("--task", dest="task_name", help="taskName (required without --stdin)")
+    emit.add_argument("--project", help="owner/repo (required without --stdin)")
+    emit.add_argument(
+        "--status", choices=["in_progress", "success", "error"],
+        help="the lifecycle status (required without --stdin)",
+    )  # fmt: skip
     emit.add_argument("--occurred-at", help="ISO-8601 with timezone or epoch ms (default: now)")
-    emit.add_argument("--flow")
-    emit.add_argument("--pr-link", action="append", dest="pr_links")
+    emit.add_argument("--flow", help="the optional flow name")
+    emit.add_argument(
+        "--pr-link", action="append", dest="pr_links", help="a pull request URL (repeatable)"
+    )
     emit.add_argument(
         "--responsible-users-file", type=Path, help="JSON list for visibility.responsibleUsers"
     )
+    emit.add_argument(
+        "--stdin", action="store_true",
+        help="publish one event per line of standard input (camelCase JSON objects; eventId"
+        " and occurredAt are filled in when absent), then print how many",
+    )  # fmt: skip
     emit.set_defaults(command=cmd_emit)
 
     status = commands.add_parser("status", help="show the projected state of one execution")
-    status.add_argument("execution_id")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("execution_id", help="the executionId")
+    status.add_argument("--json", action="store_true", help="print the hash as JSON")
     status.set_defaults(command=cmd_status)
 
     listing = commands.add_parser("list", help="list a project's executions, newest first")
     listing.add_argument("project", help="owner/repo")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--limit", type=positive_int, default=20, help="how many executions (default 20)"
+    )
+    listing.add_argument("--json", action="store_true", help="print the rows as JSON")
     listing.set_defaults(command=cmd_list)
 
     replay = commands.add_parser(
         "replay", help="rebuild the projection from the archive (idempotent, safe on a live one)"
     )
-    replay.add_argument("--project", help="only this owner/repo")
-    replay.add_argument("--since", help="first UTC day, YYYY-MM-DD")
-    replay.add_argument("--until", help="last UTC day, YYYY-MM-DD")
-    replay.add_argument("--no-progress", action="store_true")
+    replay.add_argument("--project", type=project_name, help="only this owner/repo")
+    replay.add_argument("--since", type=utc_day, help="first UTC day, YYYY-MM-DD")
+    replay.add_argument("--until", type=utc_day, help="last UTC day, YYYY-MM-DD")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(command=cmd_replay)
+
+    doctor = commands.add_parser(
+        "doctor", help="check the settings, Redis permissions, the archive target and Kubernetes"
+    )
+    doctor.add_argument(
+        "--resource", metavar="NAME",
+        help="also check this TaskTracking resource (default: TASK_TRACKING_RESOURCE_NAME)",
+    )  # fmt: skip
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.set_defaults(command=cmd_doctor)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(command=cmd_version)
     return parser
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def utc_day(text: str) -> str:
+    """A `YYYY-MM-DD` day, as archive keys spell it."""
+    import datetime
+
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        text = ""
+    if len(text) != 10:
+        raise argparse.ArgumentTypeError("not a UTC day: use YYYY-MM-DD (e.g. 2026-03-15)")
+    return text
+
+
+def project_name(text: str) -> str:
+    if not PROJECT_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a project: use owner/repo")
+    return text
+
+
 def client_settings(**overrides: Any) -> Settings:
-    """Settings for the client commands: the environment, else the running `dev` sidecar."""
-    if "TASK_TRACKING_REDIS_URL" not in os.environ and DEV_URL_FILE.exists():
-        overrides.setdefault("redis_url", DEV_URL_FILE.read_text().strip())
-    return load_settings(**overrides)
+    """Settings for the client commands: the environment, else the `dev` sidecar running
+    for this folder (found through .task-tracking-dev/, with its archive folder)."""
+    from sidecar.devmode import DevState
+
+    if "TASK_TRACKING_REDIS_URL" not in os.environ:
+        state = DevState.find()
+        info = state.running() if state is not None else None
+        if info is not None:
+            overrides.setdefault("redis_url", info["redisUrl"])
+            if "TASK_TRACKING_ARCHIVE_SINK" not in os.environ:
+                overrides.setdefault("s3_archive_enabled", True)
+                overrides.setdefault("archive_sink", "folder")
+                overrides.setdefault("archive_folder", info["archiveFolder"])
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        if "TASK_TRACKING_REDIS_URL is required" in str(exc):
+            raise ConfigError(
+                f"{exc}, or start `task-tracking dev` (make dev) in this checkout"
+            ) from None
+        raise
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -144,53 +231,27 @@ async def serve(settings: Settings, on_started: Callable[[], None] | None = None
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
-    from sidecar.devserver import DevServer
+    from sidecar.devmode import run_dev
 
-    configure_logging(os.environ.get("TASK_TRACKING_LOG_LEVEL", "info"), json=False)
-    with contextlib.ExitStack() as stack:
-        url = os.environ.get("TASK_TRACKING_REDIS_URL")
-        if not url:
-            server = stack.enter_context(DevServer())
-            url = server.url
-            DEV_URL_FILE.write_text(url)
-            stack.callback(DEV_URL_FILE.unlink, missing_ok=True)
-        folder = args.archive_folder.resolve()
-        settings = load_settings(
-            redis_url=url,
-            s3_archive_enabled=True,
-            archive_sink="folder",
-            archive_folder=folder,
-            archive_flush_max_age_seconds=5,
-        )
-
-        def explain() -> None:
-            print(DEV_HELP.format(url=url, folder=folder, port=settings.http_port), flush=True)
-
-        await serve(settings, on_started=explain)
+    await run_dev(args.archive_folder, serve)
     return 0
-
-
-DEV_HELP = """
-task-tracking dev is running.
-  Redis (private Valkey): {url}
-  archive folder:         {folder}
-  metrics / health:       http://127.0.0.1:{port}/metrics  /healthz  /readyz
-
-In another terminal (the commands find this Redis by themselves):
-  task-tracking emit --execution-id demo-1 --task deploy --project my-org/my-repo \\
-      --status in_progress
-  task-tracking status demo-1
-  task-tracking emit --execution-id demo-1 --task deploy --project my-org/my-repo --status success
-  task-tracking status demo-1
-  task-tracking list my-org/my-repo
-Archive objects appear under the folder within 5 s. Ctrl-C stops (and flushes).
-"""
 
 
 async def cmd_emit(args: argparse.Namespace) -> int:
     from sidecar.connections import connect
     from sidecar.publisher import RedisTaskTrackingService, load_responsible_users
 
+    if not args.stdin:
+        missing = [
+            option
+            for option, value in (
+                ("--execution-id", args.execution_id), ("--task", args.task_name),
+                ("--project", args.project), ("--status", args.status),
+            )
+            if value is None
+        ]  # fmt: skip
+        if missing:
+            raise ConfigError(f"emit needs {', '.join(missing)} (or --stdin for JSON lines)")
     settings = client_settings()
     users = None
     if args.responsible_users_file is not None:
@@ -206,6 +267,8 @@ async def cmd_emit(args: argparse.Namespace) -> int:
             responsible_users=users,
             limits=settings.event_limits,
         )
+        if args.stdin:
+            return await emit_lines(service, sys.stdin)
         extra: dict[str, Any] = {}
         if args.flow:
             extra["flow"] = args.flow
@@ -232,6 +295,41 @@ async def cmd_emit(args: argparse.Namespace) -> int:
         await redis.aclose()
     print(f"{entry_id} {event.status} {event.execution_id}")
     return 0
+
+
+async def emit_lines(service: Any, lines: Any) -> int:
+    """`emit --stdin`: one event per non-blank line; a refused line is reported (line number
+    and reason, on stderr) and skipped. Exit 0 when every line was published, else 1."""
+    import uuid
+
+    from sidecar.events import TaskEvent
+    from sidecar.publisher import now_iso
+
+    published = refused = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = orjson.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            data.setdefault("eventId", str(uuid.uuid4()))
+            data.setdefault("occurredAt", now_iso())
+            await service.emit(TaskEvent.model_validate(data))
+        except ValidationError as exc:
+            reason = describe_event_error(exc)
+        except orjson.JSONDecodeError as exc:
+            reason = f"not JSON: {exc}"
+        except ValueError as exc:  # refused before sending, as the sidecar would
+            reason = str(exc)
+        else:
+            published += 1
+            continue
+        refused += 1
+        print(f"task-tracking: line {number}: invalid event: {reason}", file=sys.stderr)
+    noun = "event" if published == 1 else "events"
+    print(f"published {published} {noun}" + (f", {refused} refused" if refused else ""))
+    return 0 if refused == 0 else 1
 
 
 @asynccontextmanager
@@ -288,9 +386,13 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0 after a replay, 1 when objects failed or no archive object matched (a typo in
+    --project or the days would otherwise look like a successful replay)."""
     from sidecar.replay import replay_archive
     from sidecar.sinks import SinkError
 
+    if args.since and args.until and args.since > args.until:
+        raise ConfigError(f"replay: --since {args.since} is after --until {args.until}")
     settings = client_settings()
     configure_logging(settings.log_level, json=False)
     try:
@@ -304,4 +406,29 @@ async def cmd_replay(args: argparse.Namespace) -> int:
     except SinkError as exc:
         raise ConfigError(str(exc)) from None
     print(summary.describe())
+    if summary.objects == 0 and summary.failed_objects == 0:
+        where = f"under {settings.archive.prefix}/{args.project or ''}"
+        days = f" from {args.since or 'the first day'} to {args.until or 'the last'}"
+        print(
+            f"task-tracking: nothing matched: no archive object {where}{days}",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if summary.failed_objects == 0 else 1
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    from sidecar.doctor import run_doctor
+
+    try:
+        settings: Settings | ConfigError = client_settings()
+    except ConfigError as exc:
+        settings = exc
+    report = await run_doctor(settings, resource=args.resource)
+    print(report.to_json() if args.json else report.render(), flush=True)
+    return 0 if report.ok else 1
+
+
+async def cmd_version(args: argparse.Namespace) -> int:
+    print(f"task-tracking {__version__}")
+    return 0

@@ -193,12 +193,10 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
-            raise ValueError(
-                "must start with redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster://"
-            )
+    def _redis_url(cls, value: str) -> str:
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("log_level", mode="before")
@@ -300,7 +298,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         hint = " (for example redis://localhost:6379/0)" if problem.loc == ("redis_url",) else ""
         return f"{variable} is required: set it{hint}"
     shown = problem.input
-    if problem.loc == ("redis_url",) and isinstance(shown, str):
+    if isinstance(shown, str):  # any setting may hold a URL with a password
         shown = redact(shown)
     return f"{variable}={shown!r} is invalid: {problem.message}"
 
@@ -310,10 +308,63 @@ def _variable(loc: tuple[str | int, ...]) -> str:
     return _VARIABLES.get(path) or ENV_PREFIX + "_".join(path).upper()
 
 
-# scheme://user:password@host -> scheme://user:***@host
-URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/\s]+@")
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why redis-py could not use `url`, or None: the scheme, the port, the database and
+    every query option (`?bogus=1` would otherwise fail at each connection attempt)."""
+    from redis.asyncio.connection import Connection, parse_url
+
+    scheme = urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES:
+        return "must start with redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster://"
+    plain = url.replace("+cluster://", "://", 1)
+    try:
+        options = parse_url(plain)
+    except ValueError as exc:
+        if "Port" in str(exc):  # the message would quote part of a password holding '/'
+            return (
+                "the port is not a number: percent-encode '/', '@' and ':' in the user name"
+                " and password (%2F, %40, %3A)"
+            )
+        return f"{redact(str(exc))} (see README 'Redis Cluster, TLS and ACLs')"
+    known = connection_options(options.pop("connection_class", Connection))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        return (
+            f"unknown option {unknown[0]!r} in the URL's query: remove it, or spell it as"
+            " redis-py does (e.g. ?ssl_ca_certs=/path/ca.pem, ?socket_timeout=5)"
+        )
+    return None
+
+
+def connection_options(connection_class: type) -> set[str]:
+    """The keyword arguments a redis-py connection class (and its bases) accepts."""
+    import inspect
+
+    names: set[str] = {"connection_class"}
+    for klass in connection_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.kind is parameter.KEYWORD_ONLY or (
+                parameter.kind is parameter.POSITIONAL_OR_KEYWORD and parameter.name != "self"
+            ):
+                names.add(parameter.name)
+    return names
+
+
+# scheme://user:password@host -> scheme://user:***@host, whatever the scheme; the password
+# runs to the last '@' of the URL (an unencoded '@' or '/' in it is hidden too).
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^\s'\"]*@")
+# ?password=... and the like in a URL's query
+QUERY_SECRET = re.compile(
+    r"(?P<head>[?&][^=&\s]*(?:password|passwd|secret|token)[^=&\s]*=)[^&\s'\"]+", re.I
+)
 
 
 def redact(text: str) -> str:
     """`text` (a URL, a message, a traceback) with every URL password replaced by `***`."""
-    return URL_PASSWORD.sub(r"\g<head>***@", text)
+    return QUERY_SECRET.sub(r"\g<head>***", URL_PASSWORD.sub(r"\g<head>***@", text))

@@ -90,3 +90,25 @@ LEAST_PRIVILEGE_ACL = (
     " +zadd +zrevrange +zremrangebyscore +zremrangebyrank +scan"
     " +command +cluster|slots +cluster|shards"
 )
+
+
+def redis_hint(exc: Exception, url: str | None = None) -> str:
+    """A hint for the usual TLS mix-up, to append to a connection error."""
+    import os
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    url = url if url is not None else os.environ.get("TASK_TRACKING_REDIS_URL", "")
+    if not isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return ""
+    scheme = url.split("://", 1)[0]
+    text = str(exc).lower()
+    if scheme.startswith("rediss") and ("timeout" in text or "timed out" in text):
+        return (
+            " (the URL asks for TLS, rediss://: if the server does not speak TLS, use"
+            " redis:// in TASK_TRACKING_REDIS_URL)"
+        )
+    if scheme in ("redis", "redis+cluster") and "closed by server" in text:
+        return " (if the server requires TLS, use rediss:// in TASK_TRACKING_REDIS_URL)"
+    return ""

@@ -66,6 +66,7 @@ class DevServer:
         port: int | None = None,
         folder: Path | None = None,
         persistent: bool = False,
+        own_session: bool = False,
         extra_args: list[str] | None = None,
     ) -> None:
         self.binary = find_server_binary(kind)
@@ -74,6 +75,9 @@ class DevServer:
         self.folder = folder or Path(tempfile.mkdtemp(prefix="task-tracking-redis-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.persistent = persistent
+        # In a session of its own, a terminal's Ctrl-C (SIGINT to the foreground process
+        # group) does not reach the server: `dev` drains into it first, then stops it.
+        self.own_session = own_session
         self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -107,7 +111,10 @@ class DevServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=self.own_session,
         )
         deadline = time.monotonic() + timeout
         client = self.client(socket_connect_timeout=0.5)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar.cli import build_parser
 from sidecar.publisher import RedisTaskTrackingService
 from tests.helpers import PROJECTOR, STREAM, group_done, running_sidecar, wait_for
 
@@ -80,10 +81,13 @@ async def test_publisher_refuses_before_sending_what_the_sidecar_would_refuse(
     assert await redis_client.xlen(STREAM) == 0
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidecar", *args],
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
@@ -126,36 +130,108 @@ async def test_emit_status_and_list_commands(
     assert missing.returncode == 1
 
 
-async def test_dev_runs_on_embedded_defaults_and_the_commands_find_it(tmp_path: Path) -> None:
+def plain_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_TRACKING_")}
-    env["TASK_TRACKING_HTTP_PORT"] = "0"
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "dev", "--archive-folder", str(tmp_path / "archive")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    env["TASK_TRACKING_DEV_DIR"] = "/nonexistent"  # never a dev server of this checkout
+    return {**env, **{f"TASK_TRACKING_{name.upper()}": value for name, value in settings.items()}}
+
+
+@pytest.mark.parametrize(
+    ("url", "named", "secret"),
+    [
+        ("redis://127.0.0.1:1/0?bogus=1", "unknown option 'bogus'", None),
+        ("rediss://default:S3cret@127.0.0.1:1?bogus=1", "'rediss://default:***@", "S3cret"),
+        ("foo://u:S3cret@h", "'foo://u:***@h'", "S3cret"),
+        ("redis://:pa/ss@h:1/0", "percent-encode", "pa/ss"),
+        ("redis://h/0?password=S3cret&ssl=1", "unknown option 'ssl'", "S3cret"),
+        ("redis://h/0?socket_timeout=soon", "socket_timeout", None),
+    ],
+)
+async def test_a_bad_redis_url_is_one_line_exit_2_with_secrets_redacted_for_status_and_run(
+    url: str, named: str, secret: str | None
+) -> None:
+    env = plain_env(redis_url=url)
+    results = await asyncio.gather(
+        asyncio.to_thread(cli, "status", "x", env=env), asyncio.to_thread(cli, "run", env=env)
     )
-    try:
-        assert dev.stdout is not None
-        output = ""
-        while "task-tracking dev is running" not in output:
-            line = await asyncio.to_thread(dev.stdout.readline)
-            assert line, f"dev exited: {output}"
-            output += line
-        common = ["--execution-id", "d1", "--task", "deploy", "--project", "my-org/my-repo"]
-        for status in ("in_progress", "success"):
-            result = await asyncio.to_thread(cli, "emit", *common, "--status", status, env=env)
-            assert result.returncode == 0, result.stderr
+    for result in results:
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+            "task-tracking: TASK_TRACKING_REDIS_URL="
+        ), result.stderr
+        assert named in result.stderr
+        assert secret is None or secret not in result.stderr
 
-        def shows_success() -> bool:
-            result = cli("status", "d1", "--json", env=env)
-            return result.returncode == 0 and json.loads(result.stdout)["status"] == "success"
 
-        await wait_for(lambda: asyncio.to_thread(shows_success), message="status shows success")
-        dev.send_signal(signal.SIGINT)
-        assert await asyncio.to_thread(dev.wait, 20) == 0
-        objects = list((tmp_path / "archive").rglob("*.jsonl"))
-        assert len(objects) == 1 and objects[0].read_text().count("\n") == 2
-    finally:
-        dev.kill()
+async def test_rediss_against_a_plain_server_times_out_with_a_tls_hint(redis_url: str) -> None:
+    tls_url = redis_url.replace("redis://", "rediss://") + "?socket_connect_timeout=1"
+    result = await asyncio.to_thread(cli, "status", "x", env=plain_env(redis_url=tls_url))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "does not speak TLS, use redis://" in result.stderr
+
+
+async def test_replay_refuses_bad_days_and_projects_and_says_when_nothing_matched(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = plain_env(redis_url=redis_url, archive_sink="folder", archive_folder=str(tmp_path))
+    mistakes = {
+        ("--since", "yesterday"): "--since: not a UTC day: use YYYY-MM-DD",
+        ("--until", "2026-02-30"): "--until: not a UTC day",
+        ("--project", "bad"): "--project: 'bad' is not a project: use owner/repo",
+        ("--since", "2026-03-16", "--until", "2026-03-15"): "--since 2026-03-16 is after",
+    }
+    for args, message in mistakes.items():
+        result = await asyncio.to_thread(cli, "replay", *args, env=env)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    nothing = await asyncio.to_thread(cli, "replay", "--project", "o/r", env=env)
+    assert nothing.returncode == 1, nothing.stderr
+    assert "nothing matched: no archive object under task-tracking/o/r" in nothing.stderr
+
+
+async def test_list_into_a_closed_pipe_exits_quietly(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(3000):  # more than a pipe buffer holds (64 KiB)
+            pipe.hset(f"task-tracking:execution:e{i}", mapping={"taskName": "t" * 20})
+            pipe.zadd("task-tracking:project:o/r:executions", {f"e{i}": i})
+        await pipe.execute()
+    script = (
+        f"{sys.executable} -m sidecar list o/r --limit 3000 2>{tmp_path}/err | head -n 1;"
+        f" echo ${{PIPESTATUS[0]}} >{tmp_path}/code"
+    )
+    env = plain_env(redis_url=redis_url)
+    result = await asyncio.to_thread(
+        subprocess.run, ["bash", "-c", script], env=env, capture_output=True, text=True
+    )
+    assert result.stdout.startswith("executionId")
+    assert (tmp_path / "err").read_text() == ""
+    assert (tmp_path / "code").read_text().strip() == "141"
+
+
+async def test_emit_stdin_publishes_json_lines_and_counts(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    good = '{"executionId": "s1", "taskName": "t", "project": "o/r", "status": "success"}'
+    lines = f"{good}\n\nnot json\n{good.replace('o/r', '../x')}\n{good}\n"
+    result = await asyncio.to_thread(
+        cli, "emit", "--stdin", env=plain_env(redis_url=redis_url), stdin=lines
+    )
+    assert result.returncode == 1
+    assert result.stdout == "published 2 events, 2 refused\n"
+    assert "line 3: invalid event: not JSON" in result.stderr
+    assert "line 4: invalid event: project" in result.stderr
+    assert await redis_client.xlen(STREAM) == 2
+
+
+async def test_version_and_help_text_on_every_option() -> None:
+    env = plain_env()
+    for args in (["--version"], ["version"]):
+        result = await asyncio.to_thread(cli, *args, env=env)
+        assert result.returncode == 0 and result.stdout.startswith("task-tracking 0."), result
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"task-tracking {name} {action.dest}: no help text"
