@@ -118,6 +118,10 @@ class KubeAPI:
         self._names = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        # For `task-tracking doctor`: a cluster without the CRD, and RBAC that refuses some
+        # (verb, "resource[/subresource]") to SelfSubjectAccessReview (everything else allowed).
+        self.crd_installed = True
+        self.denied_access: set[tuple[str, str]] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -128,6 +132,9 @@ class KubeAPI:
         app.router.add_get("/api/v1", self._core_resources)
         app.router.add_get("/apis", self._api_groups)
         app.router.add_get("/apis/{group}/{version}", self._group_resources)
+        app.router.add_post(
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._access_review
+        )
         app.router.add_route("*", "/{path:.*}", self._resource)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -360,7 +367,7 @@ class KubeAPI:
             return {"name": name, "versions": [gv], "preferredVersion": gv}
 
         groups = [
-            group(GROUP, VERSION),
+            *([group(GROUP, VERSION)] if self.crd_installed else []),
             group("events.k8s.io", "v1"),
             group("apiextensions.k8s.io", "v1"),
         ]
@@ -370,7 +377,7 @@ class KubeAPI:
         group, version = request.match_info["group"], request.match_info["version"]
         verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
         resources: list[Object]
-        if (group, version) == (GROUP, VERSION):
+        if (group, version) == (GROUP, VERSION) and self.crd_installed:
             resources = [
                 {"name": PLURAL, "singularName": "tasktracking", "namespaced": True,
                  "kind": KIND, "verbs": verbs, "shortNames": ["tt"]},
@@ -392,6 +399,16 @@ class KubeAPI:
             return _status(404, "NotFound", f"group {group}/{version} not served")
         body = {"kind": "APIResourceList", "groupVersion": f"{group}/{version}"}
         return web.json_response({**body, "resources": resources})
+
+    async def _access_review(self, request: web.Request) -> web.Response:
+        """SelfSubjectAccessReview: allowed unless listed in `denied_access`."""
+        review = await request.json()
+        attributes = review["spec"]["resourceAttributes"]
+        resource = attributes["resource"]
+        if attributes.get("subresource"):
+            resource += "/" + attributes["subresource"]
+        allowed = (attributes["verb"], resource) not in self.denied_access
+        return web.json_response({**review, "status": {"allowed": allowed}}, status=201)
 
     def _route(self, path: str) -> tuple[str, str | None, str | None, str | None] | None:
         """Split a resource path into (resource, namespace, name, subresource)."""
