@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from sidecar.config import Settings, redact
-from sidecar.connections import redis_hint
+from sidecar.connections import connect, is_cluster_url, redis_hint
 from sidecar.keys import execution_key, project_index_key
 
 if TYPE_CHECKING:
@@ -90,24 +90,39 @@ async def check_redis(settings: Settings, report: Report) -> None:
             report.add("redis permissions", "skip", "Redis not reachable")
             return
         report.add("redis", "pass", f"reachable at {shown}: {await server_kind(client)}")
-        await check_stream(settings, client, report)
+        if is_cluster_url(settings.redis_url):  # the stream may live on another node
+            cluster = connect(settings.redis_url)
+            try:
+                await check_stream(settings, cluster, report)
+            finally:
+                await cluster.aclose()
+        else:
+            await check_stream(settings, client, report)
         await check_permissions(settings, client, report)
     finally:
         await client.aclose()
 
 
 async def server_kind(client: Redis) -> str:
-    try:
-        info: dict[str, Any] = await client.info("server")
-    except NoPermissionError:
-        return "server version unknown (INFO not permitted: the sidecar does not need it)"
-    mode = info.get("redis_mode", "standalone")
-    if info.get("server_name") == "valkey":
-        return f"Valkey {info.get('valkey_version')} ({mode})"
-    return f"Redis {info.get('redis_version')} ({mode})"
+    """ "Valkey 9.1.2 (standalone)": from HELLO, which every user may send (INFO needs a
+    permission the sidecar's user does not have); INFO before Redis 6."""
+    assert client.connection is not None  # single_connection_client after the ping
+    answer = await _send(client.connection, "HELLO", "2")  # stays on RESP2
+    if isinstance(answer, list):
+        hello = {_text(k): v for k, v in zip(answer[::2], answer[1::2], strict=True)}
+        server, version, mode = (_text(hello.get(k, b"?")) for k in ("server", "version", "mode"))
+    else:
+        try:
+            info: dict[str, Any] = await client.info("server")
+        except RedisError:
+            return "server version unknown (neither HELLO nor INFO answered)"
+        server = str(info.get("server_name") or "redis")
+        version = str(info.get(f"{server}_version") or info.get("redis_version"))
+        mode = str(info.get("redis_mode", "standalone"))
+    return f"{'Valkey' if server == 'valkey' else 'Redis'} {version} ({mode})"
 
 
-async def check_stream(settings: Settings, client: Redis, report: Report) -> None:
+async def check_stream(settings: Settings, client: Redis | RedisCluster, report: Report) -> None:
     stream = settings.redis_stream_key
     name = f"stream {stream}"
     try:
@@ -143,7 +158,9 @@ async def check_permissions(settings: Settings, client: Redis, report: Report) -
     """ACL DRYRUN (Redis 7+, Valkey) when this user may run it; else each command queued
     in MULTI and the block discarded: the server checks a queued command's permissions
     (command and keys) when it queues it, and runs nothing on DISCARD. EXEC and DISCARD
-    are sent outside a block, where the server checks them and answers "without MULTI"."""
+    are sent outside a block, where the server checks them and answers "without MULTI".
+    On a cluster this runs on the URL's node: the ACL check comes before the slot check,
+    so a MOVED answer means allowed (ACL rules are per node; the same user on each)."""
     commands = needed_commands(settings)
     connection = client.connection
     assert connection is not None  # single_connection_client after the ping

@@ -207,3 +207,23 @@ async def test_command_line_exit_codes_json_and_one_line_per_check(redis_url: st
     [redis_check] = [check for check in body["checks"] if check["name"] == "redis"]
     assert redis_check["outcome"] == "fail" and "127.0.0.1:1" in redis_check["message"]
     assert bad.returncode == 1 and "✗ settings: TASK_TRACKING_REDIS_URL=" in bad.stdout
+
+
+async def test_on_a_cluster_the_stream_is_found_on_its_node_and_permissions_checked(
+    tmp_path: Path,
+) -> None:
+    from tests.servers import RedisClusterServers
+
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    try:
+        cluster.run_on_all("ACL", "SETUSER", USER, "reset", "on", f">{PASSWORD}",
+                           *LEAST_PRIVILEGE_ACL.split())  # fmt: skip
+        found = outcomes(await doctor(cluster.url_as(USER, PASSWORD)))
+        assert found["redis"][0] == "pass" and "(cluster)" in found["redis"][1], found
+        assert found["redis permissions"][0] == "pass", found
+        assert found["stream task-events:v1"][0] == "warn"  # absent, on whichever node
+        cluster.run_on_all("ACL", "SETUSER", USER, "-xclaim")
+        found = outcomes(await doctor(cluster.url_as(USER, PASSWORD)))
+        assert found["redis permissions"][0] == "fail" and "XCLAIM" in found["redis permissions"][1]
+    finally:
+        cluster.stop()
