@@ -298,38 +298,14 @@ async def cmd_emit(args: argparse.Namespace) -> int:
 
 
 async def emit_lines(service: Any, lines: Any) -> int:
-    """`emit --stdin`: one event per non-blank line; a refused line is reported (line number
-    and reason, on stderr) and skipped. Exit 0 when every line was published, else 1."""
-    import uuid
-
-    from sidecar.events import TaskEvent
-    from sidecar.publisher import now_iso
-
-    published = refused = 0
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            data = orjson.loads(line)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            data.setdefault("eventId", str(uuid.uuid4()))
-            data.setdefault("occurredAt", now_iso())
-            await service.emit(TaskEvent.model_validate(data))
-        except ValidationError as exc:
-            reason = describe_event_error(exc)
-        except orjson.JSONDecodeError as exc:
-            reason = f"not JSON: {exc}"
-        except ValueError as exc:  # refused before sending, as the sidecar would
-            reason = str(exc)
-        else:
-            published += 1
-            continue
-        refused += 1
+    """`emit --stdin`: exit 0 when every line was published, else 1 (each refused line is
+    reported on stderr by number)."""
+    published, refused = await service.emit_lines(lines)
+    for number, reason in refused:
         print(f"task-tracking: line {number}: invalid event: {reason}", file=sys.stderr)
     noun = "event" if published == 1 else "events"
-    print(f"published {published} {noun}" + (f", {refused} refused" if refused else ""))
-    return 0 if refused == 0 else 1
+    print(f"published {published} {noun}" + (f", {len(refused)} refused" if refused else ""))
+    return 0 if not refused else 1
 
 
 @asynccontextmanager

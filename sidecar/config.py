@@ -329,6 +329,10 @@ def redis_url_problem(url: str) -> str | None:
                 " and password (%2F, %40, %3A)"
             )
         return f"{redact(str(exc))} (see README 'Redis Cluster, TLS and ACLs')"
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        path = options.get(name)
+        if isinstance(path, str) and not Path(path).is_file():
+            return f"?{name}={path}: no such file (mount it, or fix the path)"
     known = connection_options(options.pop("connection_class", Connection))
     unknown = sorted(set(options) - known)
     if unknown:

@@ -7,7 +7,7 @@ Writes events exactly as the Node.js publisher does: XADD of one field,
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +72,36 @@ class RedisTaskTrackingService:
             raise ValueError(f"{decoded.warnings[0]}: not in the shape the contract gives it")
         entry_id = await self.redis.xadd(self.stream_key, {"event": raw})
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def emit_lines(self, lines: Iterable[str]) -> tuple[int, list[tuple[int, str]]]:
+        """Publish one event per non-blank line (a camelCase JSON object; `eventId` and
+        `occurredAt` filled in when absent), for scripts. Returns how many were published
+        and, for each refused line, its number and why; a refused line does not stop the
+        others."""
+        from pydantic import ValidationError
+
+        from sidecar.events import describe_event_error
+
+        published, refused = 0, []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                data.setdefault("eventId", str(uuid.uuid4()))
+                data.setdefault("occurredAt", now_iso())
+                await self.emit(TaskEvent.model_validate(data))
+            except ValidationError as exc:
+                refused.append((number, describe_event_error(exc)))
+            except orjson.JSONDecodeError as exc:
+                refused.append((number, f"not JSON: {exc}"))
+            except ValueError as exc:  # refused before sending, as the sidecar would
+                refused.append((number, str(exc)))
+            else:
+                published += 1
+        return published, refused
 
     def build(
         self,

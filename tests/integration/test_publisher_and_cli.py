@@ -145,6 +145,7 @@ def plain_env(**settings: str) -> dict[str, str]:
         ("redis://:pa/ss@h:1/0", "percent-encode", "pa/ss"),
         ("redis://h/0?password=S3cret&ssl=1", "unknown option 'ssl'", "S3cret"),
         ("redis://h/0?socket_timeout=soon", "socket_timeout", None),
+        ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs=/nonexistent", None),
     ],
 )
 async def test_a_bad_redis_url_is_one_line_exit_2_with_secrets_redacted_for_status_and_run(
