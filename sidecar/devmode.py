@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,6 @@ async def run_dev(
 def dev_http_port() -> int:
     """TASK_TRACKING_HTTP_PORT, else 9470 when free, else any free port (a second checkout's
     `dev` then runs beside the first one)."""
-    import socket
 
     configured = os.environ.get("TASK_TRACKING_HTTP_PORT")
     if configured:
@@ -241,12 +242,30 @@ class DevState:
         url = info.get("redisUrl") if info else None
         if not info or not info.get("ownServer") or not isinstance(url, str):
             return
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=5, decode_responses=True
+        )
         try:
             folder = client.config_get("dir").get("dir")
-            if folder is not None and Path(folder).resolve() == self.redis_folder.resolve():
-                client.shutdown()  # writes its append-only file, then exits
+            if folder is None or Path(folder).resolve() != self.redis_folder.resolve():
+                return  # another server took the port since
+            client.shutdown()  # writes its append-only file, then exits
         except redis.exceptions.RedisError:
-            pass  # gone already, or not ours
+            return  # gone already
         finally:
             client.close()
+        # gone (its port closed) before a new server opens the same append-only file
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _answers(url):
+            time.sleep(0.05)
+
+
+def _answers(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

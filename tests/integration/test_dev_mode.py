@@ -115,6 +115,15 @@ def answers(url: object) -> bool:
     return True
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may not reap an orphan at once)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def status_of(execution_id: str, cwd: Path) -> str | None:
     result = cli("status", execution_id, "--json", cwd=cwd)
     return json.loads(result.stdout)["status"] if result.returncode == 0 else None
@@ -206,3 +215,28 @@ async def test_a_second_checkout_runs_beside_the_first_and_a_second_start_is_ref
     assert await asyncio.to_thread(status_of, "x0", first_checkout / "sub") == "in_progress"
     assert first.process.poll() is None
     assert await first.ctrl_c() == 0
+
+
+async def test_a_server_left_by_a_killed_dev_is_stopped_at_the_next_start(
+    tmp_path: Path, devs: list[Dev]
+) -> None:
+    checkout = tmp_path / "checkout"
+    dev = await Dev(checkout).started()
+    devs.append(dev)
+    emitted = await asyncio.to_thread(
+        cli, "emit", "--stdin", cwd=checkout, stdin=lines(1, "success")
+    )
+    assert emitted.returncode == 0, emitted.stderr
+    await wait_for(lambda: shows("x0", checkout, "success"), message="x0 projected")
+    url = dev.info()["redisUrl"]
+    assert isinstance(url, str)
+    with redis.Redis.from_url(url) as client:
+        server_pid = int(client.info("server")["process_id"])
+    dev.kill()  # kill -9: its private server, in a session of its own, lives on
+    assert answers(url)
+
+    again = await Dev(checkout).started()
+    devs.append(again)
+    assert not running(server_pid), "the orphaned server still runs"
+    assert await asyncio.to_thread(status_of, "x0", checkout) == "success"
+    assert await again.ctrl_c() == 0
