@@ -132,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay", help="rebuild the projection from the archive (idempotent, safe on a live one)"
     )
-    replay.add_argument("--project", type=project_name, help="only this owner/repo")
-    replay.add_argument("--since", type=utc_day, help="first UTC day, YYYY-MM-DD")
-    replay.add_argument("--until", type=utc_day, help="last UTC day, YYYY-MM-DD")
+    replay.add_argument(
+        "--project", type=project_name, metavar="OWNER/REPO", help="only this owner/repo"
+    )
+    replay.add_argument("--since", type=utc_day, metavar="DAY", help="first UTC day, YYYY-MM-DD")
+    replay.add_argument("--until", type=utc_day, metavar="DAY", help="last UTC day, YYYY-MM-DD")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(command=cmd_replay)
 
