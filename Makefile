@@ -8,7 +8,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install install-runtime dev test test-redis test-valkey lint format bench soak clean
+.PHONY: install install-runtime dev test test-redis test-valkey lint format bench soak lock clean
 
 install: $(STAMP)
 
@@ -54,6 +54,18 @@ bench: install
 
 soak: install
 	$(PY) -m bench.soak
+
+# The image's pinned, hash-checked dependencies (Dockerfile: --require-hashes), one lock for
+# what runs and one for what builds the wheel, both for every Python 3.11.x and platform.
+# LOCK_INDEX_URL points at a mirror; `make lock UPGRADE=--upgrade` moves to the newest in range.
+LOCK_INDEX_URL ?= https://pypi.org/simple
+LOCK := $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--no-config --index-url $(LOCK_INDEX_URL) $(UPGRADE)
+
+lock: install
+	$(LOCK) -o requirements.lock pyproject.toml
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(LOCK) -o requirements-build.lock -
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache

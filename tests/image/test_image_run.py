@@ -1,0 +1,172 @@
+"""The image, built and run by a real Docker engine the way a hardened pod runs it.
+
+Read-only root filesystem and no writable mount at all, a numeric non-root user, no
+capabilities, no privilege escalation; host networking reaches the Redis server that the
+tests started on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from sidecar.devserver import free_port
+
+from .conftest import HARDENED, BuiltImage, docker, measured
+
+pytestmark = pytest.mark.slow
+
+# Any installer, its library or a wheel of one: none may be in the runtime image.
+INSTALLER = re.compile(
+    r"(^|/)(pip|pip3[.\d]*|easy_install|wheel|ensurepip|setuptools|pkg_resources|_distutils_hack)"
+    r"($|/|-[^/]*\.(dist-info|egg-info|whl)|\.pth)"
+)
+
+
+def hardened_run(image: BuiltImage, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """`docker run` arguments: the hardening, host networking, and the given environment."""
+    flags = [f"--env={name}={value}" for name, value in (env or {}).items()]
+    return ["run", *HARDENED, "--network", "host", *flags, *args]
+
+
+@pytest.fixture
+def container_name() -> Iterator[str]:
+    name = f"task-tracking-test-{os.getpid()}-{time.monotonic_ns()}"
+    yield name
+    docker("rm", "--force", name, check=False)
+
+
+def wait_ready(port: int, name: str, timeout: float = 60) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                assert r.status == 200
+                body: dict[str, object] = json.load(r)
+                return body
+        except (OSError, urllib.error.HTTPError):
+            state = docker("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            if state != "running":
+                logs = docker("logs", name, check=False)
+                pytest.fail(
+                    f"container {state} before ready: {(logs.stdout + logs.stderr)[-3000:]}"
+                )
+            assert time.monotonic() < deadline, f"/readyz not 200 within {timeout} s"
+            time.sleep(0.2)
+
+
+def test_hardened_container_serves_readyz_projects_an_event_and_stops_cleanly(
+    image: BuiltImage, redis_url: str, container_name: str
+) -> None:
+    port = free_port()
+    env = {"TASK_TRACKING_REDIS_URL": redis_url, "TASK_TRACKING_HTTP_PORT": str(port)}
+    docker(*hardened_run(image, "--detach", "--name", container_name, image.tag, env=env))
+    assert wait_ready(port, container_name) == {"ok": True}
+
+    # The CLI in the same image, hardened the same way, publishes; the sidecar projects.
+    emitted = docker(
+        *hardened_run(image, "--rm", image.tag, env=env),
+        "emit",
+        "--execution-id",
+        "exec-image-1",
+        "--task",
+        "deploy",
+        "--project",
+        "my-org/my-repo",
+        "--status",
+        "success",
+        timeout=60,
+    )
+    assert "Traceback" not in emitted.stderr, emitted.stderr
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 30
+        while client.hget("task-tracking:execution:exec-image-1", "status") != "success":
+            assert time.monotonic() < deadline, "the emitted event was not projected in 30 s"
+            time.sleep(0.1)
+        assert client.zscore("task-tracking:project:my-org/my-repo:executions", "exec-image-1")
+    finally:
+        client.close()
+
+    started = time.monotonic()
+    docker("stop", "--time", "10", container_name, timeout=30)
+    took = time.monotonic() - started
+    measured(f"docker stop of the hardened sidecar: {took:.2f} s (grace period 10 s)")
+    state = json.loads(docker("inspect", "--format", "{{json .State}}", container_name).stdout)
+    logs = docker("logs", container_name)
+    assert state["ExitCode"] == 0, (logs.stdout + logs.stderr)[-3000:]
+    assert not state["OOMKilled"]
+    assert "Traceback" not in logs.stdout + logs.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        # No URL: the path that probed for a temp dir at import and crashed read-only.
+        ({}, "task-tracking: TASK_TRACKING_REDIS_URL is required: set it"),
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://127.0.0.1:1/0", "TASK_TRACKING_HTTP_PORT": "x"},
+            "task-tracking: TASK_TRACKING_HTTP_PORT='x' is invalid",
+        ),
+    ],
+    ids=["missing-redis-url", "bad-http-port"],
+)
+def test_a_bad_environment_prints_one_line_and_exits_2(
+    image: BuiltImage, env: dict[str, str], line: str
+) -> None:
+    for command in (["run"], ["status", "exec-1"]):
+        result = docker(*hardened_run(image, "--rm", image.tag, env=env), *command, check=False)
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 2, lines
+        assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_runtime_image_holds_no_installer_nor_build_argument(image: BuiltImage) -> None:
+    created = docker("create", image.tag).stdout.strip()
+    try:
+        export = subprocess.Popen(["docker", "export", created], stdout=subprocess.PIPE)
+        assert export.stdout is not None
+        with tarfile.open(fileobj=export.stdout, mode="r|") as tar:
+            names = [member.name for member in tar]
+        assert export.wait(timeout=300) == 0
+    finally:
+        docker("rm", created, check=False)
+    assert any(name.startswith("opt/venv/") for name in names)
+    found = sorted({n for n in names if INSTALLER.search(n)})
+    assert not found, f"installers left in the runtime image: {found[:20]}"
+
+    # The builder's arguments (index, certificate authorities) stay in the builder.
+    history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", image.tag).stdout
+    assert "CA_BUNDLE" not in history and "BEGIN CERTIFICATE" not in history
+    config = json.loads(
+        docker("image", "inspect", "--format", "{{json .Config}}", image.tag).stdout
+    )
+    assert not [e for e in config["Env"] if e.startswith(("PIP_", "CA_BUNDLE"))], config["Env"]
+
+    no_pip = docker(
+        "run", "--rm", *HARDENED, "--network", "none", "--entrypoint", "python", image.tag,
+        "-c", "import pip", check=False,
+    )  # fmt: skip
+    assert no_pip.returncode == 1 and "No module named 'pip'" in no_pip.stderr
+
+
+def test_image_carries_oci_labels_and_runs_as_the_charts_user(image: BuiltImage) -> None:
+    config = json.loads(
+        docker("image", "inspect", "--format", "{{json .Config}}", image.tag).stdout
+    )
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == image.version
+    assert labels["org.opencontainers.image.revision"] == image.revision
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["task-tracking"] and config["Cmd"] == ["run"]
