@@ -170,3 +170,26 @@ def test_image_carries_oci_labels_and_runs_as_the_charts_user(image: BuiltImage)
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["task-tracking"] and config["Cmd"] == ["run"]
+
+
+def test_every_module_imports_and_every_command_helps_without_a_writable_filesystem(
+    image: BuiltImage,
+) -> None:
+    # An import-time probe (a temp dir, a cache folder, a config file written) fails here.
+    imports = (
+        "import importlib, pkgutil, sidecar\n"
+        "names = [m.name for m in pkgutil.walk_packages(sidecar.__path__, 'sidecar.')]\n"
+        "[importlib.import_module(n) for n in names if n != 'sidecar.__main__']\n"
+        "print(len(names))"
+    )
+    result = docker(
+        "run", "--rm", *HARDENED, "--network", "none", "--entrypoint", "python", image.tag,
+        "-c", imports, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout) >= 20
+    for command in ("run", "dev", "emit", "status", "list", "replay"):
+        helped = docker(
+            "run", "--rm", *HARDENED, "--network", "none", image.tag, command, "--help", check=False
+        )
+        assert helped.returncode == 0 and "usage: task-tracking" in helped.stdout, helped.stderr
