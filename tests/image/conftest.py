@@ -149,6 +149,9 @@ def image(base_image: str) -> Iterator[BuiltImage]:
         str(REPO),
         timeout=900,
     )
+    # The previous build of the tag, now untagged, is dead weight (the layer cache stays).
+    label = "label=org.opencontainers.image.title=task-tracking-sidecar"
+    docker("image", "prune", "--force", "--filter", label, check=False)
     size = int(docker("image", "inspect", "--format", "{{.Size}}", built.tag).stdout)
     measured(f"image {built.tag}: built in {time.monotonic() - started:.1f} s, {size / 1e6:.0f} MB")
     yield built
