@@ -39,9 +39,10 @@ COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 # This repo's wheel, offline; `pip check` proves the lock covers every dependency it declares.
 RUN set -eu; \
-    /opt/build/bin/pip wheel --quiet --no-index --no-deps --no-build-isolation --wheel-dir /wheels .; \
-    /opt/build/bin/pip --python /opt/venv/bin/python install --quiet --no-index --no-deps /wheels/*.whl; \
-    /opt/build/bin/pip --python /opt/venv/bin/python check
+    pip=/opt/build/bin/pip; \
+    $pip wheel --quiet --no-index --no-deps --no-build-isolation --wheel-dir /wheels .; \
+    $pip --python /opt/venv/bin/python install --quiet --no-index --no-deps /wheels/*.whl; \
+    $pip --python /opt/venv/bin/python check
 
 # --- runtime-root: the base with every installer removed (the base's pip included)
 FROM ${BASE_IMAGE} AS runtime-root
@@ -67,7 +68,7 @@ ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG SOURCE=https://github.com/alakai/task-tracking-sidecar
 LABEL org.opencontainers.image.title="task-tracking-sidecar" \
-      org.opencontainers.image.description="Redis Stream -> latest-status projection and S3 archive" \
+      org.opencontainers.image.description="Task events: Redis projection and S3 archive" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.source="${SOURCE}" \

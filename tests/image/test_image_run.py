@@ -28,9 +28,27 @@ pytestmark = pytest.mark.slow
 
 # Any installer, its library or a wheel of one: none may be in the runtime image.
 INSTALLER = re.compile(
-    r"(^|/)(pip|pip3[.\d]*|easy_install|wheel|ensurepip|setuptools|pkg_resources|_distutils_hack)"
+    r"(^|/)(pip|pip3[.\d]*|easy_install|wheel|ensurepip|setuptools|pkg_resources|_distutils_hack"
+    r"|distutils-precedence)"
     r"($|/|-[^/]*\.(dist-info|egg-info|whl)|\.pth)"
 )
+
+
+def test_installer_pattern_finds_every_kind_of_installer_file() -> None:
+    # The export check below must be able to fail.
+    for path in (
+        "usr/local/bin/pip",
+        "usr/local/bin/pip3.11",
+        "usr/local/lib/python3.11/site-packages/pip/__init__.py",
+        "usr/local/lib/python3.11/site-packages/setuptools-65.5.1.dist-info/METADATA",
+        "usr/local/lib/python3.11/site-packages/distutils-precedence.pth",
+        "usr/local/lib/python3.11/ensurepip/_bundled/pip-24.0-py3-none-any.whl",
+        "usr/share/python-wheels/wheel-0.38.4-py3-none-any.whl",
+        "opt/venv/lib/python3.11/site-packages/_distutils_hack/__init__.py",
+    ):
+        assert INSTALLER.search(path), path
+    for path in ("usr/lib/python3.11/pipes.py", "opt/venv/bin/task-tracking", "usr/bin/pipx-like"):
+        assert not INSTALLER.search(path), path
 
 
 def hardened_run(image: BuiltImage, *args: str, env: dict[str, str] | None = None) -> list[str]:
