@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from sidecar.devserver import free_port
+from tests.conftest import MotoServer, s3_environment
 
 from .conftest import HARDENED, BuiltImage, docker, measured
 
@@ -83,11 +84,19 @@ def wait_ready(port: int, name: str, timeout: float = 60) -> dict[str, object]:
             time.sleep(0.2)
 
 
-def test_hardened_container_serves_readyz_projects_an_event_and_stops_cleanly(
-    image: BuiltImage, redis_url: str, container_name: str
+def test_hardened_container_serves_readyz_projects_archives_and_stops_cleanly(
+    image: BuiltImage, redis_url: str, s3: MotoServer, container_name: str
 ) -> None:
     port = free_port()
-    env = {"TASK_TRACKING_REDIS_URL": redis_url, "TASK_TRACKING_HTTP_PORT": str(port)}
+    s3.client().create_bucket(Bucket="task-history")
+    env = {
+        "TASK_TRACKING_REDIS_URL": redis_url,
+        "TASK_TRACKING_HTTP_PORT": str(port),
+        "TASK_TRACKING_S3_ARCHIVE_ENABLED": "true",
+        "TASK_TRACKING_S3_BUCKET": "task-history",
+        "TASK_TRACKING_ARCHIVE_FLUSH_MAX_AGE_SECONDS": "1",
+        **s3_environment(s3),
+    }
     docker(*hardened_run(image, "--detach", "--name", container_name, image.tag, env=env))
     assert wait_ready(port, container_name) == {"ok": True}
 
@@ -115,6 +124,19 @@ def test_hardened_container_serves_readyz_projects_an_event_and_stops_cleanly(
         assert client.zscore("task-tracking:project:my-org/my-repo:executions", "exec-image-1")
     finally:
         client.close()
+    # The archiver writes to S3 from the read-only container too (no spool file anywhere).
+    bucket = s3.client()
+    deadline = time.monotonic() + 30
+    while True:
+        listed = bucket.list_objects_v2(Bucket="task-history", Prefix="task-tracking/my-org/")
+        keys = [item["Key"] for item in listed.get("Contents", ())]
+        if keys:
+            break
+        assert time.monotonic() < deadline, "nothing archived in 30 s"
+        time.sleep(0.2)
+    (key,) = keys
+    line = bucket.get_object(Bucket="task-history", Key=key)["Body"].read().decode()
+    assert json.loads(line)["executionId"] == "exec-image-1"
 
     started = time.monotonic()
     docker("stop", "--time", "10", container_name, timeout=30)
