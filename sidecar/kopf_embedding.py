@@ -226,6 +226,10 @@ class ResourceWatch:
             namespaces=[self.namespace],
             stop_flag=self._stop_flag,
             ready_flag=self.ready,
+            # Ours, not kopf's default user@host: getpass.getuser() raises for a UID that
+            # /etc/passwd lacks (the image's 10001, any runAsUser). Identity is a NewType of
+            # str that kopf does not export.
+            identity=self.pod_name,  # type: ignore[arg-type]
         )
         eventloop.restore_signal_handlers(saved)  # kopf's replaced the sidecar's
         logger.info(

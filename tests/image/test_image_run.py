@@ -7,6 +7,7 @@ tests started on a free loopback port.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,12 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from sidecar.devserver import free_port
 from tests.conftest import MotoServer, s3_environment
+from tests.kube.api import KubeAPI
 
 from .conftest import HARDENED, BuiltImage, docker, measured
 
@@ -233,3 +236,53 @@ def test_every_module_imports_and_every_command_helps_without_a_writable_filesys
             "run", "--rm", *HARDENED, "--network", "none", image.tag, command, "--help", check=False
         )
         assert helped.returncode == 0 and "usage: task-tracking" in helped.stdout, helped.stderr
+
+
+async def test_hardened_container_follows_a_tasktracking_resource(
+    image: BuiltImage, redis_url: str, s3: MotoServer, tmp_path: Path, container_name: str
+) -> None:
+    # kopf in the read-only container: watches the resource, reports its own status part.
+    s3.client().create_bucket(Bucket="from-resource")
+    async with KubeAPI() as api:
+        api.ensure_namespace("apps")
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace="apps")
+        kubeconfig.chmod(0o644)  # readable by UID 10001 through the read-only bind mount
+        await api.create("apps", TASK_TRACKING_RESOURCE)
+        env = {
+            "TASK_TRACKING_REDIS_URL": redis_url,
+            "TASK_TRACKING_HTTP_PORT": str(free_port()),
+            "TASK_TRACKING_RESOURCE_NAME": "task-tracking",
+            "TASK_TRACKING_NAMESPACE": "apps",
+            "TASK_TRACKING_REDIS_CONSUMER_NAME": "pod-a",
+            "KUBECONFIG": "/kube/config",
+            **s3_environment(s3),
+        }
+        mount = f"--volume={kubeconfig}:/kube/config:ro"
+        run = hardened_run(image, "--detach", "--name", container_name, mount, image.tag, env=env)
+        await asyncio.to_thread(docker, *run)
+
+        deadline = time.monotonic() + 60
+        while True:
+            status = (api.get("apps", "task-tracking") or {}).get("status", {})
+            if status.get("sidecars", {}).get("pod-a", {}).get("archiving"):
+                break
+            if time.monotonic() > deadline:
+                logs = await asyncio.to_thread(docker, "logs", container_name, check=False)
+                pytest.fail(f"no archiving status in 60 s: {status}; {logs.stderr[-3000:]}")
+            await asyncio.sleep(0.2)
+
+        await asyncio.to_thread(docker, "stop", "--time", "10", container_name, timeout=30)
+        state = await asyncio.to_thread(
+            docker, "inspect", "--format", "{{.State.ExitCode}}", container_name
+        )
+        logs = await asyncio.to_thread(docker, "logs", container_name)
+        assert state.stdout.strip() == "0", logs.stderr[-3000:]
+        assert "Traceback" not in logs.stdout + logs.stderr
+
+
+TASK_TRACKING_RESOURCE = {
+    "apiVersion": "alakai.io/v1alpha1",
+    "kind": "TaskTracking",
+    "metadata": {"name": "task-tracking"},
+    "spec": {"archive": {"enabled": True, "bucket": "from-resource"}},
+}
