@@ -161,8 +161,9 @@ def test_hardened_container_serves_readyz_projects_archives_and_stops_cleanly(
             {"TASK_TRACKING_REDIS_URL": "redis://127.0.0.1:1/0", "TASK_TRACKING_HTTP_PORT": "x"},
             "task-tracking: TASK_TRACKING_HTTP_PORT='x' is invalid",
         ),
+        ({"TASK_TRACKING_REDIS_URL": "redis://127.0.0.1:1/0?bogus=1"}, "task-tracking: "),
     ],
-    ids=["missing-redis-url", "bad-http-port"],
+    ids=["missing-redis-url", "bad-http-port", "unknown-url-option"],
 )
 def test_a_bad_environment_prints_one_line_and_exits_2(
     image: BuiltImage, env: dict[str, str], line: str
@@ -231,7 +232,9 @@ def test_every_module_imports_and_every_command_helps_without_a_writable_filesys
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout) >= 20
-    for command in ("run", "dev", "emit", "status", "list", "replay"):
+    version = docker("run", "--rm", *HARDENED, "--network", "none", image.tag, "--version")
+    assert version.stdout.strip() == f"task-tracking {image.version}"
+    for command in ("run", "dev", "emit", "status", "list", "replay", "doctor"):
         helped = docker(
             "run", "--rm", *HARDENED, "--network", "none", image.tag, command, "--help", check=False
         )
