@@ -11,7 +11,13 @@ and copies the Kubernetes semantics kopf depends on (DESIGN.md, "Known pitfalls"
 - watches end after ``timeoutSeconds``; a resourceVersion older than the retained history
   (see :meth:`KubeAPI.compact`) gets "410 Gone" in the stream;
 - with ``namespaced_only=True``, cluster-scoped lists and watches answer 403 like a namespaced
-  Role would.
+  Role would;
+- every TaskTracking write (create, merge patch, status) is admitted as kube-apiserver admits
+  it against the CRD that ships (``tests/kube/crd.py``: pruning, defaults, OpenAPI schema,
+  CEL rules): a refusal is the same ``422 Invalid`` Status; unknown fields are pruned with
+  a ``Warning`` header, or refused with ``fieldValidation=Strict`` (kubectl's default);
+- ``kubectl get`` gets the CRD's printer columns as a ``meta.k8s.io/v1`` Table
+  (``tests/kube/kubectl.py`` serves the rest kubectl asks for).
 
 Every request is logged (:attr:`KubeAPI.requests`) and every posted Event is kept
 (:attr:`KubeAPI.events`), so tests can assert what the operator wrote.
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from .crd import CustomResource, Invalid
 
 GROUP = "alakai.io"
 VERSION = "v1alpha1"
@@ -103,8 +111,16 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class KubeAPI:
     """In-memory Kubernetes API on 127.0.0.1; use as ``async with KubeAPI() as api``."""
 
-    def __init__(self, *, namespaced_only: bool = False, watch_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        namespaced_only: bool = False,
+        watch_timeout: float = 30.0,
+        crd: CustomResource | None = None,
+    ) -> None:
         self.namespaced_only = namespaced_only
+        # The CRD every TaskTracking write is admitted against (the one that ships).
+        self.crd = crd if crd is not None else CustomResource()
         self.watch_timeout = watch_timeout
         self.requests: list[Request] = []
         self.events: list[Object] = []
@@ -173,22 +189,33 @@ class KubeAPI:
         if ("namespaces", None, namespace) not in self._objects:
             self._store("namespaces", None, {"metadata": {"name": namespace}}, "ADDED")
 
-    async def create(self, namespace: str, body: Object) -> Object:
-        """Create a TaskTracking (as ``kubectl create`` would); returns the stored object."""
+    async def create(self, namespace: str, body: Object, *, checked: bool = True) -> Object:
+        """Create a TaskTracking (as ``kubectl create`` would); returns the stored object.
+
+        ``checked=False`` stores it unadmitted: an object written before the CRD had its
+        current schema and rules, which a real cluster still serves as stored."""
         self.ensure_namespace(namespace)
-        obj = self._create(PLURAL, namespace, body)
+        obj = self._create(PLURAL, namespace, body, checked=checked)
         await self._notify()
         return copy.deepcopy(obj)
 
-    async def patch_spec(self, namespace: str, name: str, patch: Object) -> Object:
-        """Merge-patch the spec of a TaskTracking."""
-        obj = self._patch(PLURAL, namespace, name, {"spec": patch}, subresource=None)
+    async def patch_spec(
+        self, namespace: str, name: str, patch: Object, *, checked: bool = True
+    ) -> Object:
+        """Merge-patch the spec of a TaskTracking (``checked`` as for :meth:`create`)."""
+        obj = self._patch(
+            PLURAL, namespace, name, {"spec": patch}, subresource=None, checked=checked
+        )
         await self._notify()
         return copy.deepcopy(obj)
 
-    async def patch_status(self, namespace: str, name: str, patch: Object) -> Object:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Object, *, checked: bool = True
+    ) -> Object:
         """Merge-patch the status of a TaskTracking (as another writer would)."""
-        obj = self._patch(PLURAL, namespace, name, {"status": patch}, subresource="status")
+        obj = self._patch(
+            PLURAL, namespace, name, {"status": patch}, subresource="status", checked=checked
+        )
         await self._notify()
         return copy.deepcopy(obj)
 
@@ -240,7 +267,16 @@ class KubeAPI:
         async with self._changed:
             self._changed.notify_all()
 
-    def _create(self, resource: str, namespace: str | None, body: Object) -> Object:
+    def _create(
+        self,
+        resource: str,
+        namespace: str | None,
+        body: Object,
+        *,
+        checked: bool = True,
+        unknown: list[str] | None = None,
+        strict: bool = False,
+    ) -> Object:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
@@ -255,6 +291,8 @@ class KubeAPI:
         if resource == PLURAL:
             meta["generation"] = 1
             obj.pop("status", None)  # status subresource: creation ignores the status
+            if checked:
+                obj = self._admit(obj, None, unknown=unknown, strict=strict)
         return self._store(resource, namespace, obj, "ADDED")
 
     def _patch(
@@ -265,6 +303,9 @@ class KubeAPI:
         patch: Object,
         *,
         subresource: str | None,
+        checked: bool = True,
+        unknown: list[str] | None = None,
+        strict: bool = False,
     ) -> Object:
         old = self._objects.get((resource, namespace, name))
         if old is None:
@@ -287,8 +328,11 @@ class KubeAPI:
             for key in ("annotations", "labels", "finalizers"):
                 if new["metadata"].get(key) in ({}, []):
                     del new["metadata"][key]
-            if new.get("spec") != old.get("spec"):
-                new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        if resource == PLURAL and checked:
+            # pruned and defaulted before comparing: a patch of unknown fields changes nothing
+            new = self._admit(new, old, unknown=unknown, strict=strict)
+        if subresource != "status" and new.get("spec") != old.get("spec"):
+            new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
         if _without_rv(new) == _without_rv(old):
             return old  # nothing changed: not persisted, no new resourceVersion, no event
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
@@ -334,6 +378,10 @@ class KubeAPI:
             return _status(404, "NotFound", str(e))
         except _Conflict as e:
             return _status(409, "AlreadyExists", str(e))
+        except Invalid as e:
+            return web.json_response(e.status(), status=422)
+        except _StrictDecoding as e:
+            return _status(400, "BadRequest", str(e))
         return response
 
     async def _version(self, request: web.Request) -> web.Response:
@@ -439,20 +487,24 @@ class KubeAPI:
                 )
             if request.query.get("watch") in ("true", "1"):
                 return await self._watch(request, resource, namespace)
-            return self._list(resource, namespace)
+            return self._list(resource, namespace, table=_wants_table(request))
 
+        unknown: list[str] = []
         if request.method == "POST" and name is None:
             if namespace is not None:
                 self.ensure_namespace(namespace)
-            obj = self._create(resource, namespace, await request.json())
+            body = await request.json()
+            obj = self._create(resource, namespace, body, unknown=unknown, strict=_strict(request))
             await self._notify()
-            return web.json_response(obj, status=201)
+            return self._written(obj, unknown, status=201)
         if name is None:
             return _status(405, "MethodNotAllowed", f"{request.method} needs a name")
         if request.method == "GET":
             obj = self._objects.get((resource, namespace, name))
             if obj is None:
                 return _status(404, "NotFound", f'{resource} "{name}" not found')
+            if resource == PLURAL and _wants_table(request):
+                return web.json_response(self.crd.table([obj], resource_version=str(self._rv)))
             return web.json_response(obj)
         if request.method == "PATCH":
             if request.content_type != "application/merge-patch+json":
@@ -460,23 +512,58 @@ class KubeAPI:
                     415, "UnsupportedMediaType", f"{request.content_type} is not supported"
                 )
             obj = self._patch(
-                resource, namespace, name, await request.json(), subresource=subresource
+                resource,
+                namespace,
+                name,
+                await request.json(),
+                subresource=subresource,
+                unknown=unknown,
+                strict=_strict(request),
             )
             await self._notify()
-            return web.json_response(obj)
+            return self._written(obj, unknown)
         if request.method == "DELETE":
             obj = self._delete(resource, namespace, name)
             await self._notify()
             return web.json_response(obj)
         return _status(405, "MethodNotAllowed", f"{request.method} is not supported")
 
-    def _list(self, resource: str, namespace: str | None) -> web.Response:
+    def _admit(
+        self, obj: Object, old: Object | None, *, unknown: list[str] | None, strict: bool
+    ) -> Object:
+        # Decoding comes first: fieldValidation=Strict (kubectl's default) refuses unknown
+        # fields before the schema and the rules are looked at; otherwise they are pruned.
+        dropped: list[str] = []
+        admitted = self.crd.admit(obj, old, unknown=dropped) if not strict else None
+        if strict:
+            self.crd.unknown_fields(obj, dropped)
+            if dropped:
+                fields = ", ".join(f"unknown field {json.dumps(f)}" for f in dropped)
+                raise _StrictDecoding(
+                    f"{KIND} in version {json.dumps(VERSION)} cannot be handled as a {KIND}:"
+                    f" strict decoding error: {fields}"
+                )
+            admitted = self.crd.admit(obj, old)
+        if unknown is not None:
+            unknown += dropped
+        assert admitted is not None
+        return admitted
+
+    def _written(self, obj: Object, unknown: list[str], *, status: int = 200) -> web.Response:
+        response = web.json_response(obj, status=status)
+        for path in unknown:  # fieldValidation=Warn, the default: pruned, with a warning
+            response.headers.add("Warning", f"299 - {json.dumps(f'unknown field {path!r}')}")
+        return response
+
+    def _list(self, resource: str, namespace: str | None, *, table: bool = False) -> web.Response:
         api_version, kind, _ = _RESOURCES[resource]
         items = [
             obj
             for (res, ns, _name), obj in sorted(self._objects.items(), key=lambda kv: kv[0][2])
             if res == resource and (namespace is None or ns == namespace)
         ]
+        if table and resource == PLURAL:
+            return web.json_response(self.crd.table(items, resource_version=str(self._rv)))
         body = {
             "apiVersion": api_version,
             "kind": f"{kind}List",
@@ -557,3 +644,15 @@ class _NotFound(Exception):
 
 class _Conflict(Exception):
     pass
+
+
+class _StrictDecoding(Exception):
+    pass
+
+
+def _strict(request: web.Request) -> bool:
+    return request.query.get("fieldValidation") == "Strict"
+
+
+def _wants_table(request: web.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
