@@ -38,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import kubectl
 from .crd import CustomResource, Invalid
 
 GROUP = "alakai.io"
@@ -144,6 +145,8 @@ class KubeAPI:
         app.router.add_get("/api/v1", self._core_resources)
         app.router.add_get("/apis", self._api_groups)
         app.router.add_get("/apis/{group}/{version}", self._group_resources)
+        app.router.add_get("/openapi/v3", self._openapi_v3)
+        app.router.add_get("/openapi/v3/apis/{group}/{version}", self._openapi_v3_group)
         app.router.add_route("*", "/{path:.*}", self._resource)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -402,6 +405,15 @@ class KubeAPI:
             {"kind": "APIResourceList", "groupVersion": "v1", "resources": resources}
         )
 
+    async def _openapi_v3(self, request: web.Request) -> web.Response:
+        return web.json_response(kubectl.openapi_v3_root(self.crd))
+
+    async def _openapi_v3_group(self, request: web.Request) -> web.Response:
+        group, version = request.match_info["group"], request.match_info["version"]
+        if (group, version) != (self.crd.group, self.crd.version):
+            return _status(404, "NotFound", f"no OpenAPI document for {group}/{version}")
+        return web.json_response(kubectl.openapi_v3_group(self.crd))
+
     async def _api_groups(self, request: web.Request) -> web.Response:
         def group(name: str, version: str) -> Object:
             gv = {"groupVersion": f"{name}/{version}", "version": version}
@@ -496,7 +508,7 @@ class KubeAPI:
             body = await request.json()
             obj = self._create(resource, namespace, body, unknown=unknown, strict=_strict(request))
             await self._notify()
-            return self._written(obj, unknown, status=201)
+            return self._written(request, obj, unknown, status=201)
         if name is None:
             return _status(405, "MethodNotAllowed", f"{request.method} needs a name")
         if request.method == "GET":
@@ -521,7 +533,7 @@ class KubeAPI:
                 strict=_strict(request),
             )
             await self._notify()
-            return self._written(obj, unknown)
+            return self._written(request, obj, unknown)
         if request.method == "DELETE":
             obj = self._delete(resource, namespace, name)
             await self._notify()
@@ -549,10 +561,15 @@ class KubeAPI:
         assert admitted is not None
         return admitted
 
-    def _written(self, obj: Object, unknown: list[str], *, status: int = 200) -> web.Response:
+    def _written(
+        self, request: web.Request, obj: Object, unknown: list[str], *, status: int = 200
+    ) -> web.Response:
         response = web.json_response(obj, status=status)
+        if request.query.get("fieldValidation") == "Ignore":
+            return response  # pruned without a word (kubectl --validate=false)
         for path in unknown:  # fieldValidation=Warn, the default: pruned, with a warning
-            response.headers.add("Warning", f"299 - {json.dumps(f'unknown field {path!r}')}")
+            warning = json.dumps(f"unknown field {json.dumps(path)}")
+            response.headers.add("Warning", f"299 - {warning}")
         return response
 
     def _list(self, resource: str, namespace: str | None, *, table: bool = False) -> web.Response:

@@ -91,6 +91,8 @@ class CustomResource:
         warns about them, or refuses them with ``fieldValidation=Strict``)."""
         pruned = schema.prune(obj, self.schema, root=True, dropped=unknown)
         admitted = schema.apply_defaults(pruned, self.schema)
+        if old is not None:  # the API server defaults what it reads from storage too
+            old = schema.apply_defaults(schema.prune(old, self.schema, root=True), self.schema)
         errors = self.errors(admitted, old)
         if errors:
             name = str((admitted.get("metadata") or {}).get("name", ""))
@@ -164,11 +166,36 @@ def _cell(obj: Object, column: Object) -> Any:
 
 
 def _age(timestamp: str) -> str:
-    """The API server's table convertor shows a date column as a short age ("5s", "3m")."""
+    """The API server's table convertor shows a date column as an age: HumanDuration of
+    k8s.io/apimachinery/pkg/util/duration ("0s", "5m3s", "3h", "2d4h")."""
     then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
-    seconds = max(seconds, 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size or (unit == "m" and seconds >= 120):
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return human_duration((datetime.datetime.now(datetime.UTC) - then).total_seconds())
+
+
+def human_duration(seconds_float: float) -> str:
+    """duration.HumanDuration, branch for branch."""
+    seconds = int(seconds_float)
+    if seconds < -1:
+        return "<invalid>"
+    if seconds < 0:
+        return "0s"
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 10:
+        return f"{minutes}m" if seconds % 60 == 0 else f"{minutes}m{seconds % 60}s"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = seconds // 3600
+    if hours < 8:
+        return f"{hours}h" if minutes % 60 == 0 else f"{hours}h{minutes % 60}m"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d" if hours % 24 == 0 else f"{hours // 24}d{hours % 24}h"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        days = (hours // 24) % 365
+        return f"{hours // 24 // 365}y" if days == 0 else f"{hours // 24 // 365}y{days}d"
+    return f"{hours // 24 // 365}y"
