@@ -145,6 +145,7 @@ class KubeAPI:
         app.router.add_get("/api/v1", self._core_resources)
         app.router.add_get("/apis", self._api_groups)
         app.router.add_get("/apis/{group}/{version}", self._group_resources)
+        app.router.add_get("/openapi/v2", self._openapi_v2)
         app.router.add_get("/openapi/v3", self._openapi_v3)
         app.router.add_get("/openapi/v3/apis/{group}/{version}", self._openapi_v3_group)
         app.router.add_route("*", "/{path:.*}", self._resource)
@@ -405,6 +406,12 @@ class KubeAPI:
             {"kind": "APIResourceList", "groupVersion": "v1", "resources": resources}
         )
 
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        if "protobuf" not in request.headers.get("Accept", ""):
+            return _status(406, "NotAcceptable", "only the protobuf OpenAPI v2 is served")
+        mime = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+        return web.Response(body=kubectl.openapi_v2_protobuf(), content_type=mime)
+
     async def _openapi_v3(self, request: web.Request) -> web.Response:
         return web.json_response(kubectl.openapi_v3_root(self.crd))
 
@@ -605,6 +612,10 @@ class KubeAPI:
         since = int(request.query.get("resourceVersion") or self._rv)
         timeout = float(request.query.get("timeoutSeconds") or self.watch_timeout)
         bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        # kubectl get -w: each event's object is a Table of one row; only the first event
+        # carries the column definitions, as kube-apiserver's watch encoder does.
+        tables = resource == PLURAL and _wants_table(request)
+        columns_sent = False
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -630,7 +641,13 @@ class KubeAPI:
                         continue
                     position = change.resource_version
                     if change.resource == resource and namespace in (None, change.namespace):
-                        await send({"type": change.type, "object": change.object})
+                        obj = change.object
+                        if tables:
+                            obj = self.crd.table([obj], resource_version=str(position))
+                            if columns_sent:
+                                obj["columnDefinitions"] = None
+                            columns_sent = True
+                        await send({"type": change.type, "object": obj})
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
