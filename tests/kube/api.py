@@ -46,6 +46,7 @@ from .store import (
     Conflict,
     NotFound,
     ObjectStore,
+    Stale,
     StrictDecoding,
 )
 
@@ -221,6 +222,8 @@ class KubeAPI:
             return web.json_response(e.status(), status=422)
         except StrictDecoding as e:
             return failure(400, "BadRequest", str(e))
+        except Stale as e:
+            return failure(409, "Conflict", str(e))
         return response
 
     def _route(self, path: str) -> tuple[str, str | None, str | None, str | None] | None:
@@ -296,6 +299,18 @@ class KubeAPI:
                     415, "UnsupportedMediaType", f"{request.content_type} is not supported"
                 )
             obj = self.store.patch(
+                resource,
+                namespace,
+                name,
+                await request.json(),
+                subresource=subresource,
+                unknown=unknown,
+                strict=_strict(request),
+            )
+            await self._notify()
+            return self._written(request, obj, unknown)
+        if request.method == "PUT":
+            obj = self.store.update(
                 resource,
                 namespace,
                 name,

@@ -156,6 +156,63 @@ class ObjectStore:
             for key in ("annotations", "labels", "finalizers"):
                 if new["metadata"].get(key) in ({}, []):
                     del new["metadata"][key]
+        return self._commit(
+            resource, namespace, old, new, subresource, checked=checked, unknown=unknown,
+            strict=strict,
+        )  # fmt: skip
+
+    def update(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        body: Object,
+        *,
+        subresource: str | None,
+        checked: bool = True,
+        unknown: list[str] | None = None,
+        strict: bool = False,
+    ) -> Object:
+        """PUT: the whole object replaced (``kubectl replace``), or its whole status."""
+        old = self.objects.get((resource, namespace, name))
+        if old is None:
+            raise NotFound(f'{resource} "{name}" not found')
+        given = (body.get("metadata") or {}).get("resourceVersion")
+        if given and given != old["metadata"]["resourceVersion"]:
+            raise Stale(
+                f'Operation cannot be fulfilled on {resource}.{GROUP} "{name}": the object has'
+                " been modified; please apply your changes to the latest version and try again"
+            )
+        new = copy.deepcopy(old)
+        if subresource == "status":
+            new.pop("status", None)
+            if body.get("status"):
+                new["status"] = copy.deepcopy(body["status"])
+        else:
+            new = {k: copy.deepcopy(v) for k, v in body.items() if k != "status"}
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
+            meta = new.setdefault("metadata", {})
+            for key in ("name", "namespace", "uid", "generation", "creationTimestamp"):
+                if key in old["metadata"]:
+                    meta[key] = old["metadata"][key]
+        return self._commit(
+            resource, namespace, old, new, subresource, checked=checked, unknown=unknown,
+            strict=strict,
+        )  # fmt: skip
+
+    def _commit(
+        self,
+        resource: str,
+        namespace: str | None,
+        old: Object,
+        new: Object,
+        subresource: str | None,
+        *,
+        checked: bool,
+        unknown: list[str] | None,
+        strict: bool,
+    ) -> Object:
         if resource == PLURAL and checked:
             # pruned and defaulted before comparing: a patch of unknown fields changes nothing
             new = self.admit(new, old, unknown=unknown, strict=strict)
@@ -234,3 +291,7 @@ class Conflict(Exception):
 
 class StrictDecoding(Exception):
     pass
+
+
+class Stale(Exception):
+    """An update whose resourceVersion is not the stored one (409 Conflict)."""

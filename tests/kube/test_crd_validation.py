@@ -544,3 +544,36 @@ def test_rules_use_the_strings_extension_like_kubernetes() -> None:
 )  # fmt: skip
 def test_age_column_is_shown_like_the_api_servers_human_duration(seconds: int, shown: str) -> None:
     assert human_duration(seconds) == shown
+
+
+async def put(api: KubeAPI, name: str, obj: dict[str, Any], *, status: bool = False) -> Any:
+    url = f"{api.url}{PATH}/{name}" + ("/status" if status else "")
+    async with aiohttp.ClientSession() as session, session.put(url, json=obj) as response:
+        return response.status, await response.json()
+
+
+async def test_an_update_is_admitted_like_a_patch(api: KubeAPI) -> None:
+    stored = await api.create(NS, body({"archive": {"enabled": True, "bucket": "history"}}))
+    await api.patch_status(NS, "task-tracking", {"applied": "1/1"})
+    replaced = body({"archive": {"enabled": True}})
+    code, status = await put(api, "task-tracking", replaced)
+    assert code == 422
+    assert [c["field"] for c in status["details"]["causes"]] == ["spec.archive.bucket"]
+
+    replaced = body({"archive": {"enabled": False}})
+    code, updated = await put(api, "task-tracking", replaced)
+    assert code == 200, updated
+    assert updated["spec"] == {"archive": {"enabled": False, "prefix": "task-tracking"}}
+    assert updated["status"] == {"applied": "1/1"}  # the main resource's PUT keeps the status
+    assert updated["metadata"]["generation"] == 2
+    assert updated["metadata"]["uid"] == stored["metadata"]["uid"]
+
+    stale = {**body({}), "metadata": {"name": "task-tracking", "resourceVersion": "1"}}
+    code, status = await put(api, "task-tracking", stale)
+    assert (code, status["reason"]) == (409, "Conflict")
+
+    code, status = await put(
+        api, "task-tracking", {**updated, "status": {"applied": 1}}, status=True
+    )
+    assert code == 422
+    assert status["details"]["causes"][0]["field"] == "status.applied"

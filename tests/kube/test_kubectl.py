@@ -179,6 +179,31 @@ async def test_a_spec_refused_by_a_cel_rule_prints_the_rules_message(
     assert stored["spec"]["archive"]["prefix"] == "task-tracking"  # nothing was written
 
 
+async def test_replace_is_admitted_too(api: KubeAPI, kubectl: Kubectl) -> None:
+    await kubectl("apply", "-f", str(EXAMPLE))
+    replacement = {
+        "apiVersion": "alakai.io/v1alpha1",
+        "kind": "TaskTracking",
+        "metadata": {"name": "task-tracking"},
+        "spec": {"archive": {"enabled": True, "bucket": "other-history", "prefix": "x/"}},
+    }
+    refused = await kubectl("replace", "-f", "-", stdin=json.dumps(replacement))
+    assert refused.code == 1
+    assert refused.err.strip() == (
+        'The TaskTracking "task-tracking" is invalid: spec.archive.prefix: Invalid value:'
+        ' "object": spec.archive.prefix must not start or end with a slash'
+    )
+    replacement["spec"]["archive"]["prefix"] = "x"
+    replaced = await kubectl("replace", "-f", "-", stdin=json.dumps(replacement))
+    assert replaced.code == 0, replaced.err
+    assert replaced.out.strip() == "tasktracking.alakai.io/task-tracking replaced"
+    stored = api.get(NS, "task-tracking")
+    assert stored is not None
+    assert stored["spec"] == {
+        "archive": {"enabled": True, "bucket": "other-history", "prefix": "x"}
+    }
+
+
 async def test_an_unknown_field_is_refused_or_pruned_with_a_warning(
     api: KubeAPI, kubectl: Kubectl
 ) -> None:
