@@ -287,9 +287,10 @@ class KubeAPI:
         if name is None:
             return failure(405, "MethodNotAllowed", f"{request.method} needs a name")
         if request.method == "GET":
-            obj = self.store.objects.get((resource, namespace, name))
-            if obj is None:
+            found = self.store.objects.get((resource, namespace, name))
+            if found is None:
                 return failure(404, "NotFound", f'{resource} "{name}" not found')
+            obj = found
             if resource == PLURAL and _wants_table(request):
                 return web.json_response(self.crd.table([obj], resource_version=str(self.store.rv)))
             return web.json_response(obj)

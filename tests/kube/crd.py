@@ -90,7 +90,7 @@ class CustomResource:
         The paths of pruned unknown fields are appended to ``unknown`` (the API server
         warns about them, or refuses them with ``fieldValidation=Strict``)."""
         pruned = schema.prune(obj, self.schema, root=True, dropped=unknown)
-        admitted = schema.apply_defaults(pruned, self.schema)
+        admitted: Object = schema.apply_defaults(pruned, self.schema)
         if old is not None:  # the API server defaults what it reads from storage too
             old = schema.apply_defaults(schema.prune(old, self.schema, root=True), self.schema)
         errors = self.errors(admitted, old)
