@@ -21,7 +21,8 @@ from sidecar.config import load_settings
 from sidecar.connections import LEAST_PRIVILEGE_ACL
 from sidecar.doctor import Report, run_doctor
 from tests.conftest import MotoServer
-from tests.kube.api import API_VERSION, KIND, KubeAPI
+from tests.kube.api import KubeAPI
+from tests.kube.store import API_VERSION, KIND
 from tests.s3proxy import S3Proxy
 
 BUCKET = "archive"
@@ -161,7 +162,7 @@ async def test_kubernetes_crd_resource_and_rbac(redis_url: str, kube: KubeAPI) -
     assert found["kubernetes rbac"][0] == "pass"
 
     body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "tracking"},
-            "spec": {"archive": {"enabled": True, "bucket": "b"}}}  # fmt: skip
+            "spec": {"archive": {"enabled": True, "bucket": "task-history"}}}  # fmt: skip
     await kube.create("default", body)
     kube.denied_access = {("patch", "tasktrackings/status")}
     report = await doctor(redis_url, resource="tracking")

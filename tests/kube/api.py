@@ -1,8 +1,9 @@
-"""A small in-memory Kubernetes API server that kopf runs against for real, over HTTP.
+"""A small in-memory Kubernetes API server that kopf and kubectl run against for real, over HTTP.
 
 No API server can be installed on the build machines, so the operator tests own this one.
-It serves only what kopf needs for one namespaced custom resource with a status subresource,
-and copies the Kubernetes semantics kopf depends on (DESIGN.md, "Known pitfalls"):
+It serves only what kopf and kubectl need for one namespaced custom resource with a status
+subresource, and copies the Kubernetes semantics they depend on (DESIGN.md, "Known
+pitfalls"); what a write does is in ``store.py``, discovery and OpenAPI in ``discovery.py``:
 
 - ``resourceVersion`` is one global counter that grows on every real change;
 - ``metadata.generation`` grows on spec changes only;
@@ -11,7 +12,13 @@ and copies the Kubernetes semantics kopf depends on (DESIGN.md, "Known pitfalls"
 - watches end after ``timeoutSeconds``; a resourceVersion older than the retained history
   (see :meth:`KubeAPI.compact`) gets "410 Gone" in the stream;
 - with ``namespaced_only=True``, cluster-scoped lists and watches answer 403 like a namespaced
-  Role would.
+  Role would;
+- every TaskTracking write (create, merge patch, status) is admitted as kube-apiserver admits
+  it against the CRD that ships (``crd.py``: pruning, defaults, OpenAPI schema, CEL rules):
+  a refusal is the same ``422 Invalid`` Status; unknown fields are pruned with a ``Warning``
+  header, or refused with ``fieldValidation=Strict`` (kubectl's default);
+- ``kubectl get`` (and ``get -w``) gets the CRD's printer columns as a ``meta.k8s.io/v1``
+  Table.
 
 Every request is logged (:attr:`KubeAPI.requests`) and every posted Event is kept
 (:attr:`KubeAPI.events`), so tests can assert what the operator wrote.
@@ -23,28 +30,25 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-import datetime
-import itertools
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-GROUP = "alakai.io"
-VERSION = "v1alpha1"
-PLURAL = "tasktrackings"
-KIND = "TaskTracking"
-API_VERSION = f"{GROUP}/{VERSION}"
-
-# Resource name -> (apiVersion, kind of the items, namespaced?)
-_RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "namespaces": ("v1", "Namespace", False),
-    "events": ("v1", "Event", True),
-    "customresourcedefinitions": ("apiextensions.k8s.io/v1", "CustomResourceDefinition", False),
-    PLURAL: (API_VERSION, KIND, True),
-}
+from .crd import CustomResource, Invalid
+from .discovery import Discovery, failure
+from .store import (
+    GROUP,
+    PLURAL,
+    RESOURCES,
+    VERSION,
+    Conflict,
+    NotFound,
+    ObjectStore,
+    Stale,
+    StrictDecoding,
+)
 
 Object = dict[str, Any]
 
@@ -61,77 +65,46 @@ class Request:
     token: str | None  # the bearer token: tells apart clients with different kubeconfigs
 
 
-@dataclasses.dataclass(frozen=True)
-class _Change:
-    resource_version: int
-    resource: str
-    namespace: str | None
-    type: str
-    object: Object
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _status(code: int, reason: str, message: str) -> web.Response:
-    body = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-    return web.json_response(body, status=code)
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch; returns a new value, leaves the arguments intact."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
 class KubeAPI:
     """In-memory Kubernetes API on 127.0.0.1; use as ``async with KubeAPI() as api``."""
 
-    def __init__(self, *, namespaced_only: bool = False, watch_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        namespaced_only: bool = False,
+        watch_timeout: float = 30.0,
+        crd: CustomResource | None = None,
+    ) -> None:
         self.namespaced_only = namespaced_only
+        # The CRD every TaskTracking write is admitted against (the one that ships).
+        self.crd = crd if crd is not None else CustomResource()
         self.watch_timeout = watch_timeout
         self.requests: list[Request] = []
         self.events: list[Object] = []
         self.url = ""
-        self._rv = 0
-        self._objects: dict[tuple[str, str | None, str], Object] = {}
-        self._changes: list[_Change] = []
-        self._oldest_rv = 0  # watches from an older resourceVersion get "410 Gone"
+        self.store = ObjectStore(self.crd)
         self.expired_watches = 0  # how many watches were answered "410 Gone"
         self._changed = asyncio.Condition()
-        self._names = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         # For `task-tracking doctor`: a cluster without the CRD, and RBAC that refuses some
         # (verb, "resource[/subresource]") to SelfSubjectAccessReview (everything else allowed).
-        self.crd_installed = True
+        self.discovery = Discovery(self.crd)
         self.denied_access: set[tuple[str, str]] = set()
+
+    @property
+    def crd_installed(self) -> bool:
+        return self.discovery.installed
+
+    @crd_installed.setter
+    def crd_installed(self, installed: bool) -> None:
+        self.discovery.installed = installed
 
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> KubeAPI:
         app = web.Application(middlewares=[self._log_request])
-        app.router.add_get("/version", self._version)
-        app.router.add_get("/api", self._api_versions)
-        app.router.add_get("/api/v1", self._core_resources)
-        app.router.add_get("/apis", self._api_groups)
-        app.router.add_get("/apis/{group}/{version}", self._group_resources)
+        app.add_routes(self.discovery.routes())
         app.router.add_post(
             "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", self._access_review
         )
@@ -144,7 +117,7 @@ class KubeAPI:
         assert server is not None
         port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
-        self.ensure_namespace("default")
+        self.store.ensure_namespace("default")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -177,35 +150,7 @@ class KubeAPI:
     # ----------------------------------------------------------------- test API
 
     def ensure_namespace(self, namespace: str) -> None:
-        if ("namespaces", None, namespace) not in self._objects:
-            self._store("namespaces", None, {"metadata": {"name": namespace}}, "ADDED")
-
-    async def create(self, namespace: str, body: Object) -> Object:
-        """Create a TaskTracking (as ``kubectl create`` would); returns the stored object."""
-        self.ensure_namespace(namespace)
-        obj = self._create(PLURAL, namespace, body)
-        await self._notify()
-        return copy.deepcopy(obj)
-
-    async def patch_spec(self, namespace: str, name: str, patch: Object) -> Object:
-        """Merge-patch the spec of a TaskTracking."""
-        obj = self._patch(PLURAL, namespace, name, {"spec": patch}, subresource=None)
-        await self._notify()
-        return copy.deepcopy(obj)
-
-    async def patch_status(self, namespace: str, name: str, patch: Object) -> Object:
-        """Merge-patch the status of a TaskTracking (as another writer would)."""
-        obj = self._patch(PLURAL, namespace, name, {"status": patch}, subresource="status")
-        await self._notify()
-        return copy.deepcopy(obj)
-
-    async def delete(self, namespace: str, name: str) -> None:
-        self._delete(PLURAL, namespace, name)
-        await self._notify()
-
-    def get(self, namespace: str, name: str) -> Object | None:
-        obj = self._objects.get((PLURAL, namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
+        self.store.ensure_namespace(namespace)
 
     def compact(self) -> None:
         """Forget the change history: watches from an older resourceVersion get 410 Gone.
@@ -213,106 +158,53 @@ class KubeAPI:
         The resourceVersion moves on (as other resources change in a real cluster), so a
         fresh list gives a version that can be watched again.
         """
-        self._changes.clear()
-        self._oldest_rv = self._next_rv()
+        self.store.compact()
+
+    async def create(self, namespace: str, body: Object, *, checked: bool = True) -> Object:
+        """Create a TaskTracking (as ``kubectl create`` would); returns the stored object.
+
+        ``checked=False`` stores it unadmitted: an object written before the CRD had its
+        current schema and rules, which a real cluster still serves as stored."""
+        self.store.ensure_namespace(namespace)
+        obj = self.store.create(PLURAL, namespace, body, checked=checked)
+        await self._notify()
+        return copy.deepcopy(obj)
+
+    async def patch_spec(
+        self, namespace: str, name: str, patch: Object, *, checked: bool = True
+    ) -> Object:
+        """Merge-patch the spec of a TaskTracking (``checked`` as for :meth:`create`)."""
+        obj = self.store.patch(
+            PLURAL, namespace, name, {"spec": patch}, subresource=None, checked=checked
+        )
+        await self._notify()
+        return copy.deepcopy(obj)
+
+    async def patch_status(
+        self, namespace: str, name: str, patch: Object, *, checked: bool = True
+    ) -> Object:
+        """Merge-patch the status of a TaskTracking (as another writer would)."""
+        obj = self.store.patch(
+            PLURAL, namespace, name, {"status": patch}, subresource="status", checked=checked
+        )
+        await self._notify()
+        return copy.deepcopy(obj)
+
+    async def delete(self, namespace: str, name: str) -> None:
+        self.store.delete(PLURAL, namespace, name)
+        await self._notify()
+
+    def get(self, namespace: str, name: str) -> Object | None:
+        obj = self.store.objects.get((PLURAL, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
 
     @property
     def resource_version(self) -> int:
-        return self._rv
-
-    # ----------------------------------------------------------------- storage
-
-    def _next_rv(self) -> int:
-        self._rv += 1
-        return self._rv
-
-    def _store(self, resource: str, namespace: str | None, obj: Object, kind: str) -> Object:
-        api_version, item_kind, _ = _RESOURCES[resource]
-        obj["apiVersion"] = api_version
-        obj["kind"] = item_kind
-        meta = obj.setdefault("metadata", {})
-        meta["resourceVersion"] = str(self._next_rv())
-        if kind == "ADDED":
-            meta.setdefault("uid", str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp", _now())
-        key = (resource, namespace, meta["name"])
-        if kind == "DELETED":
-            self._objects.pop(key, None)
-        else:
-            self._objects[key] = obj
-        self._changes.append(_Change(self._rv, resource, namespace, kind, copy.deepcopy(obj)))
-        return obj
+        return self.store.rv
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
-
-    def _create(self, resource: str, namespace: str | None, body: Object) -> Object:
-        obj = copy.deepcopy(body)
-        meta = obj.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = f"{meta['generateName']}{next(self._names):05d}"
-        if not meta.get("name"):
-            raise web.HTTPUnprocessableEntity(text="metadata.name is required")
-        if (resource, namespace, meta["name"]) in self._objects:
-            raise _Conflict(f'{resource} "{meta["name"]}" already exists')
-        if namespace is not None:
-            meta["namespace"] = namespace
-        meta.pop("resourceVersion", None)
-        if resource == PLURAL:
-            meta["generation"] = 1
-            obj.pop("status", None)  # status subresource: creation ignores the status
-        return self._store(resource, namespace, obj, "ADDED")
-
-    def _patch(
-        self,
-        resource: str,
-        namespace: str | None,
-        name: str,
-        patch: Object,
-        *,
-        subresource: str | None,
-    ) -> Object:
-        old = self._objects.get((resource, namespace, name))
-        if old is None:
-            raise _NotFound(f'{resource} "{name}" not found')
-        if subresource == "status":
-            new = copy.deepcopy(old)
-            status = merge_patch(old.get("status", {}), patch.get("status") or {})
-            if status:
-                new["status"] = status
-            else:
-                new.pop("status", None)
-        else:
-            patch = {k: v for k, v in patch.items() if k not in ("status", "apiVersion", "kind")}
-            meta_patch = patch.get("metadata") or {}
-            immutable = ("name", "namespace", "uid", "generation", "creationTimestamp")
-            meta_patch = {k: v for k, v in meta_patch.items() if k not in immutable}
-            meta_patch.pop("resourceVersion", None)
-            patch = {**patch, "metadata": meta_patch} if "metadata" in patch else patch
-            new = merge_patch(old, patch)
-            for key in ("annotations", "labels", "finalizers"):
-                if new["metadata"].get(key) in ({}, []):
-                    del new["metadata"][key]
-            if new.get("spec") != old.get("spec"):
-                new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
-        if _without_rv(new) == _without_rv(old):
-            return old  # nothing changed: not persisted, no new resourceVersion, no event
-        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
-            return self._store(resource, namespace, new, "DELETED")
-        return self._store(resource, namespace, new, "MODIFIED")
-
-    def _delete(self, resource: str, namespace: str | None, name: str) -> Object:
-        old = self._objects.get((resource, namespace, name))
-        if old is None:
-            raise _NotFound(f'{resource} "{name}" not found')
-        if old["metadata"].get("finalizers"):
-            if old["metadata"].get("deletionTimestamp"):
-                return old
-            new = copy.deepcopy(old)
-            new["metadata"]["deletionTimestamp"] = _now()
-            return self._store(resource, namespace, new, "MODIFIED")
-        return self._store(resource, namespace, copy.deepcopy(old), "DELETED")
 
     # ----------------------------------------------------------------- HTTP
 
@@ -337,68 +229,17 @@ class KubeAPI:
         )
         try:
             response: web.StreamResponse = await handler(request)
-        except _NotFound as e:
-            return _status(404, "NotFound", str(e))
-        except _Conflict as e:
-            return _status(409, "AlreadyExists", str(e))
+        except NotFound as e:
+            return failure(404, "NotFound", str(e))
+        except Conflict as e:
+            return failure(409, "AlreadyExists", str(e))
+        except Invalid as e:
+            return web.json_response(e.status(), status=422)
+        except StrictDecoding as e:
+            return failure(400, "BadRequest", str(e))
+        except Stale as e:
+            return failure(409, "Conflict", str(e))
         return response
-
-    async def _version(self, request: web.Request) -> web.Response:
-        return web.json_response({"major": "1", "minor": "30", "gitVersion": "v1.30.0-inmemory"})
-
-    async def _api_versions(self, request: web.Request) -> web.Response:
-        return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
-
-    async def _core_resources(self, request: web.Request) -> web.Response:
-        verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
-        resources = [
-            {"name": "namespaces", "singularName": "namespace", "namespaced": False,
-             "kind": "Namespace", "verbs": verbs, "shortNames": ["ns"]},
-            {"name": "events", "singularName": "event", "namespaced": True,
-             "kind": "Event", "verbs": verbs, "shortNames": ["ev"]},
-        ]  # fmt: skip
-        return web.json_response(
-            {"kind": "APIResourceList", "groupVersion": "v1", "resources": resources}
-        )
-
-    async def _api_groups(self, request: web.Request) -> web.Response:
-        def group(name: str, version: str) -> Object:
-            gv = {"groupVersion": f"{name}/{version}", "version": version}
-            return {"name": name, "versions": [gv], "preferredVersion": gv}
-
-        groups = [
-            *([group(GROUP, VERSION)] if self.crd_installed else []),
-            group("events.k8s.io", "v1"),
-            group("apiextensions.k8s.io", "v1"),
-        ]
-        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
-
-    async def _group_resources(self, request: web.Request) -> web.Response:
-        group, version = request.match_info["group"], request.match_info["version"]
-        verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-        resources: list[Object]
-        if (group, version) == (GROUP, VERSION) and self.crd_installed:
-            resources = [
-                {"name": PLURAL, "singularName": "tasktracking", "namespaced": True,
-                 "kind": KIND, "verbs": verbs, "shortNames": ["tt"]},
-                {"name": f"{PLURAL}/status", "singularName": "", "namespaced": True,
-                 "kind": KIND, "verbs": ["get", "patch", "update"]},
-            ]  # fmt: skip
-        elif (group, version) == ("events.k8s.io", "v1"):
-            resources = [
-                {"name": "events", "singularName": "event", "namespaced": True,
-                 "kind": "Event", "verbs": verbs, "shortNames": ["ev"]},
-            ]  # fmt: skip
-        elif (group, version) == ("apiextensions.k8s.io", "v1"):
-            resources = [
-                {"name": "customresourcedefinitions", "singularName": "customresourcedefinition",
-                 "namespaced": False, "kind": "CustomResourceDefinition", "verbs": verbs,
-                 "shortNames": ["crd", "crds"]},
-            ]  # fmt: skip
-        else:
-            return _status(404, "NotFound", f"group {group}/{version} not served")
-        body = {"kind": "APIResourceList", "groupVersion": f"{group}/{version}"}
-        return web.json_response({**body, "resources": resources})
 
     async def _access_review(self, request: web.Request) -> web.Response:
         """SelfSubjectAccessReview: allowed unless listed in `denied_access`."""
@@ -428,7 +269,7 @@ class KubeAPI:
         namespace: str | None = None
         if len(rest) >= 3 and rest[0] == "namespaces":
             namespace, rest = rest[1], rest[2:]
-        if not rest or rest[0] not in _RESOURCES:
+        if not rest or rest[0] not in RESOURCES:
             return None
         resource, rest = rest[0], rest[1:]
         name = rest[0] if rest else None
@@ -438,9 +279,9 @@ class KubeAPI:
     async def _resource(self, request: web.Request) -> web.StreamResponse:
         route = self._route(request.path)
         if route is None:
-            return _status(404, "NotFound", f"the server could not find {request.path}")
+            return failure(404, "NotFound", f"the server could not find {request.path}")
         resource, namespace, name, subresource = route
-        namespaced = _RESOURCES[resource][2]
+        namespaced = RESOURCES[resource][2]
         if not namespaced:
             namespace = None
         if resource == "events" and request.method == "POST" and namespace is not None:
@@ -448,7 +289,7 @@ class KubeAPI:
 
         if name is None and request.method == "GET":
             if self.namespaced_only and (namespace is None):
-                return _status(
+                return failure(
                     403,
                     "Forbidden",
                     f'{resource} is forbidden: User "system:serviceaccount:tests:sidecar" '
@@ -456,48 +297,86 @@ class KubeAPI:
                 )
             if request.query.get("watch") in ("true", "1"):
                 return await self._watch(request, resource, namespace)
-            return self._list(resource, namespace)
+            return self._list(resource, namespace, table=_wants_table(request))
 
+        unknown: list[str] = []
         if request.method == "POST" and name is None:
             if namespace is not None:
-                self.ensure_namespace(namespace)
-            obj = self._create(resource, namespace, await request.json())
+                self.store.ensure_namespace(namespace)
+            body = await request.json()
+            obj = self.store.create(
+                resource, namespace, body, unknown=unknown, strict=_strict(request)
+            )
             await self._notify()
-            return web.json_response(obj, status=201)
+            return self._written(request, obj, unknown, status=201)
         if name is None:
-            return _status(405, "MethodNotAllowed", f"{request.method} needs a name")
+            return failure(405, "MethodNotAllowed", f"{request.method} needs a name")
         if request.method == "GET":
-            obj = self._objects.get((resource, namespace, name))
-            if obj is None:
-                return _status(404, "NotFound", f'{resource} "{name}" not found')
+            found = self.store.objects.get((resource, namespace, name))
+            if found is None:
+                return failure(404, "NotFound", f'{resource} "{name}" not found')
+            obj = found
+            if resource == PLURAL and _wants_table(request):
+                return web.json_response(self.crd.table([obj], resource_version=str(self.store.rv)))
             return web.json_response(obj)
         if request.method == "PATCH":
             if request.content_type != "application/merge-patch+json":
-                return _status(
+                return failure(
                     415, "UnsupportedMediaType", f"{request.content_type} is not supported"
                 )
-            obj = self._patch(
-                resource, namespace, name, await request.json(), subresource=subresource
+            obj = self.store.patch(
+                resource,
+                namespace,
+                name,
+                await request.json(),
+                subresource=subresource,
+                unknown=unknown,
+                strict=_strict(request),
             )
             await self._notify()
-            return web.json_response(obj)
+            return self._written(request, obj, unknown)
+        if request.method == "PUT":
+            obj = self.store.update(
+                resource,
+                namespace,
+                name,
+                await request.json(),
+                subresource=subresource,
+                unknown=unknown,
+                strict=_strict(request),
+            )
+            await self._notify()
+            return self._written(request, obj, unknown)
         if request.method == "DELETE":
-            obj = self._delete(resource, namespace, name)
+            obj = self.store.delete(resource, namespace, name)
             await self._notify()
             return web.json_response(obj)
-        return _status(405, "MethodNotAllowed", f"{request.method} is not supported")
+        return failure(405, "MethodNotAllowed", f"{request.method} is not supported")
 
-    def _list(self, resource: str, namespace: str | None) -> web.Response:
-        api_version, kind, _ = _RESOURCES[resource]
+    def _written(
+        self, request: web.Request, obj: Object, unknown: list[str], *, status: int = 200
+    ) -> web.Response:
+        response = web.json_response(obj, status=status)
+        if request.query.get("fieldValidation") == "Ignore":
+            return response  # pruned without a word (kubectl --validate=false)
+        for path in unknown:  # fieldValidation=Warn, the default: pruned, with a warning
+            warning = json.dumps(f"unknown field {json.dumps(path)}")
+            response.headers.add("Warning", f"299 - {warning}")
+        return response
+
+    def _list(self, resource: str, namespace: str | None, *, table: bool = False) -> web.Response:
+        api_version, kind, _ = RESOURCES[resource]
         items = [
             obj
-            for (res, ns, _name), obj in sorted(self._objects.items(), key=lambda kv: kv[0][2])
+            for (res, ns, _name), obj in sorted(self.store.objects.items(), key=lambda kv: kv[0][2])
             if res == resource and (namespace is None or ns == namespace)
         ]
+        if table and resource == PLURAL:
+            return web.json_response(self.crd.table(items, resource_version=str(self.store.rv)))
         body = {
             "apiVersion": api_version,
             "kind": f"{kind}List",
-            "metadata": {"resourceVersion": str(self._rv)},
+            "metadata": {"resourceVersion": str(self.store.rv)},
             "items": items,
         }
         return web.json_response(body)
@@ -515,9 +394,13 @@ class KubeAPI:
     async def _watch(
         self, request: web.Request, resource: str, namespace: str | None
     ) -> web.StreamResponse:
-        since = int(request.query.get("resourceVersion") or self._rv)
+        since = int(request.query.get("resourceVersion") or self.store.rv)
         timeout = float(request.query.get("timeoutSeconds") or self.watch_timeout)
         bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        # kubectl get -w: each event's object is a Table of one row; only the first event
+        # carries the column definitions, as kube-apiserver's watch encoder does.
+        tables = resource == PLURAL and _wants_table(request)
+        columns_sent = False
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -525,9 +408,9 @@ class KubeAPI:
         async def send(event: Object) -> None:
             await response.write(json.dumps(event).encode() + b"\n")
 
-        if since < self._oldest_rv:
+        if since < self.store.oldest_rv:
             self.expired_watches += 1
-            expired = f"too old resource version: {since} ({self._oldest_rv})"
+            expired = f"too old resource version: {since} ({self.store.oldest_rv})"
             await send({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                         "status": "Failure", "message": expired, "reason": "Expired",
                         "code": 410}})  # fmt: skip
@@ -538,22 +421,28 @@ class KubeAPI:
         position = since
         try:
             while not self._closing.is_set():
-                for change in self._changes:
+                for change in self.store.changes:
                     if change.resource_version <= position:
                         continue
                     position = change.resource_version
                     if change.resource == resource and namespace in (None, change.namespace):
-                        await send({"type": change.type, "object": change.object})
+                        obj = change.object
+                        if tables:
+                            obj = self.crd.table([obj], resource_version=str(position))
+                            if columns_sent:
+                                obj["columnDefinitions"] = None
+                            columns_sent = True
+                        await send({"type": change.type, "object": obj})
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 async with self._changed:
-                    if self._changes and self._changes[-1].resource_version > position:
+                    if self.store.changes and self.store.changes[-1].resource_version > position:
                         continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), timeout=remaining)
             if bookmarks and not self._closing.is_set():
-                api_version, kind, _ = _RESOURCES[resource]
+                api_version, kind, _ = RESOURCES[resource]
                 meta = {"resourceVersion": str(position)}
                 bookmark = {"apiVersion": api_version, "kind": kind, "metadata": meta}
                 await send({"type": "BOOKMARK", "object": bookmark})
@@ -562,15 +451,9 @@ class KubeAPI:
         return response
 
 
-def _without_rv(obj: Object) -> Object:
-    clone = copy.deepcopy(obj)
-    clone.get("metadata", {}).pop("resourceVersion", None)
-    return clone
+def _strict(request: web.Request) -> bool:
+    return request.query.get("fieldValidation") == "Strict"
 
 
-class _NotFound(Exception):
-    pass
-
-
-class _Conflict(Exception):
-    pass
+def _wants_table(request: web.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
