@@ -53,9 +53,11 @@ def own_entry(api: Any, pod: str) -> dict[str, Any]:
     return entry
 
 
-async def applied_within_2s(api: Any, sidecar: Any, pod: str, expect: Any) -> float:
+async def applied_before_an_idle_read(api: Any, sidecar: Any, pod: str, expect: Any) -> float:
     """Wait until the sidecar runs `expect` (an ArchiveConfig predicate) and reports the
-    resource's current generation; returns the seconds it took."""
+    resource's current generation; returns the seconds it took (printed). The bound is
+    just under the 5 s block of an idle read: a flip that waited for one would miss it, a
+    loaded machine's slower flip would not (the figures are printed, not asserted)."""
     started = time.monotonic()
     generation = (api.get(NS, NAME) or {}).get("metadata", {}).get("generation")
 
@@ -63,7 +65,7 @@ async def applied_within_2s(api: Any, sidecar: Any, pod: str, expect: Any) -> fl
         entry = own_entry(api, pod)
         return expect(sidecar.archive.target) and entry.get("observedGeneration") == generation
 
-    await wait_for(done, timeout=2, message="the resource applied within 2 s")
+    await wait_for(done, timeout=4.5, message="the resource applied before an idle read ended")
     return time.monotonic() - started
 
 
@@ -86,13 +88,15 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
         # enable: objects appear in the S3 server
         await api.create(NS, resource(enabled=True, bucket="first"))
         flips.append(
-            await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+            await applied_before_an_idle_read(
+                api, sidecar, pod, lambda t: t.enabled and t.bucket == "first"
+            )
         )
         await wait_for(lambda: bool(archive_objects_s3(client, "first")), message="objects")
 
         # disable mid-stream: archiving stops, entries wait in the stream, projector goes on
         await api.patch_spec(NS, NAME, {"archive": {"enabled": False}})
-        flips.append(await applied_within_2s(api, sidecar, pod, lambda t: not t.enabled))
+        flips.append(await applied_before_an_idle_read(api, sidecar, pod, lambda t: not t.enabled))
         assert sidecar.metrics.archive_enabled.labels("")._value.get() == 0
         waiting = await group_unacked(redis_client, STREAM, ARCHIVER)
         await wait_for(
@@ -103,10 +107,14 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
         # enable again, then change bucket
         await api.patch_spec(NS, NAME, {"archive": {"enabled": True}})
         flips.append(
-            await applied_within_2s(api, sidecar, pod, lambda t: t.enabled and t.bucket == "first")
+            await applied_before_an_idle_read(
+                api, sidecar, pod, lambda t: t.enabled and t.bucket == "first"
+            )
         )
         await api.patch_spec(NS, NAME, {"archive": {"bucket": "second"}})
-        flips.append(await applied_within_2s(api, sidecar, pod, lambda t: t.bucket == "second"))
+        flips.append(
+            await applied_before_an_idle_read(api, sidecar, pod, lambda t: t.bucket == "second")
+        )
         await wait_for(lambda: bool(archive_objects_s3(client, "second")), message="objects")
 
         # a spec the CRD accepts but that cannot work: refused, last good kept, reported
@@ -120,11 +128,11 @@ async def test_resource_switches_archival_without_restart_and_exactly_once(
 
         # delete: back to the environment (archival off)
         await api.delete(NS, NAME)
-        await wait_for(lambda: not sidecar.archive.target.enabled, timeout=2, message="env")
+        await wait_for(lambda: not sidecar.archive.target.enabled, timeout=4.5, message="env")
 
         # re-create to let the archiver catch up with everything, then stop the producer
         await api.create(NS, resource(enabled=True, bucket="second"))
-        await wait_for(lambda: sidecar.archive.target.enabled, timeout=2)
+        await wait_for(lambda: sidecar.archive.target.enabled, timeout=4.5)
         await producer.stop()
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), timeout=30)
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), timeout=30)
