@@ -16,14 +16,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis, RedisCluster
 
-from sidecar.events import (
-    DEFAULT_LIMITS,
-    EventLimits,
-    InvalidEntry,
-    Status,
-    TaskEvent,
-    decode_values,
-)
+from sidecar.event_fields import Status, TaskEvent
+from sidecar.events import DEFAULT_LIMITS, EventLimits, InvalidEntry, decode_values
 
 
 def load_responsible_users(path: Path) -> list[str]:
