@@ -299,9 +299,9 @@ def s3_client_context(*, region: str | None, endpoint_url: str | None) -> Any:
     """An aiobotocore S3 client context: default credential chain (IRSA, workload
     identity, environment), and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL unless
     `endpoint_url` is given."""
-    from aiobotocore.session import get_session
+    from sidecar.s3_client import lean_session
 
-    return get_session().create_client(
+    return lean_session().create_client(
         "s3", region_name=region, endpoint_url=endpoint_url, config=s3_client_config()
     )
 
