@@ -131,7 +131,8 @@ class ArchiveBatch:
 
     def head(self, count: int) -> bytes:
         """The archive lines of the first `count` entries (an object's body)."""
-        return bytes(self.body[: sum(self._lengths[:count])])
+        with memoryview(self.body) as view:  # one copy, not a bytearray slice and a copy
+            return bytes(view[: sum(self._lengths[:count])])
 
     def head_ids(self, count: int) -> list[str]:
         """The entry ID strings of the first `count` entries (for acknowledgement)."""
