@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from bench import cases
+from bench import cases, footprint, scaleout
 from bench.servers import MotoServer
 from sidecar import eventloop
 from sidecar.devserver import DevServer
@@ -45,7 +45,10 @@ def main() -> int:
             for rate in (1000, 5000):
                 rows += _step(cases.latency, server, rate, 2.0 if small else 10.0)
             rows += _step(cases.archiver, server, moto, 25_000 if small else 100_000)
-            rows += _step(cases.footprint, server, 20_000 if small else 200_000)
+            rows += _step(
+                footprint.footprint, server, moto, 20_000 if small else 200_000, quick=small
+            )
+            rows += _step(scaleout.scale_out, server, 20_000 if small else 200_000)
         finally:
             moto.stop()
     print(table(rows))

@@ -4,10 +4,7 @@ and Redis's ceiling, measured in the same run on the same servers."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,11 +12,11 @@ import redis
 
 from bench import ceiling, naive, publisher
 from bench.drain import drain, projector, run_worker
-from bench.servers import MotoServer, proc_cpu_seconds, proc_rss_mib
+from bench.servers import MotoServer, proc_cpu_seconds
 from bench.workload import ARCHIVER_GROUP, STREAM, encoded, prefill
 from sidecar import eventloop
 from sidecar.archiver import FlushPolicy, S3TaskHistoryArchiver, object_key
-from sidecar.devserver import DevServer, free_port
+from sidecar.devserver import DevServer
 from sidecar.events import ValidEvent, decode_entry
 from sidecar.sinks import S3Sink, s3_client_context
 from sidecar.watermark import ArchiveWatermark
@@ -261,111 +258,3 @@ def archiver(server: DevServer, moto: MotoServer, count: int) -> list[Row]:
             read_ack_seconds / raw_seconds,
         ),
     ]
-
-
-# ---- footprint --------------------------------------------------------------------
-
-
-def footprint(server: DevServer, load_events: int) -> list[Row]:
-    fresh(server)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASK_TRACKING_")}
-    env.update(
-        TASK_TRACKING_REDIS_URL=server.url,
-        TASK_TRACKING_HTTP_PORT=str(port),
-        TASK_TRACKING_LOG_LEVEL="warning",
-    )
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        ready = _wait_ready(port, process) - started
-        rss_idle, cpu_idle = _idle(process.pid)
-        prefill(server.port, encoded(load_events))
-        rss_load = _rss_until_drained(server, process.pid)
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-    fresh(server)
-    started = time.perf_counter()
-    baseline = subprocess.Popen(
-        [sys.executable, "-m", "bench.naive", server.url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=server.port)
-        while not client.exists(STREAM):  # the naive consumer creates its group first
-            time.sleep(0.01)
-        naive_ready = time.perf_counter() - started
-        naive_rss, naive_cpu = _idle(baseline.pid)
-    finally:
-        baseline.terminate()
-        baseline.wait(timeout=15)
-    assert server.process is not None
-    redis_rss, redis_cpu = _idle(server.process.pid)
-    return [
-        Row(
-            "ready (start to /readyz 200)",
-            "s",
-            ready,
-            naive_ready,
-            target="<= 1.5 s",
-            met=ready <= 1.5,
-        ),
-        Row(
-            "RSS idle",
-            "MiB",
-            rss_idle,
-            naive_rss,
-            redis_rss,
-            target="<= 80 MiB",
-            met=rss_idle <= 80,
-        ),
-        Row(f"RSS under load ({load_events:,} events)", "MiB", rss_load),
-        Row(
-            "CPU idle",
-            "% of a core",
-            cpu_idle,
-            naive_cpu,
-            redis_cpu,
-            target="<= 0.5%",
-            met=cpu_idle <= 0.5,
-        ),
-    ]
-
-
-def _wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError("the sidecar exited at start")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as reply:
-                if reply.status == 200:
-                    return time.perf_counter()
-        except OSError:
-            pass
-        time.sleep(0.01)
-
-
-def _idle(pid: int, settle: float = 2.0, window: float = 10.0) -> tuple[float, float]:
-    """RSS (MiB) and CPU (% of one core) of a process left idle for `window` seconds."""
-    time.sleep(settle)
-    cpu = proc_cpu_seconds(pid)
-    time.sleep(window)
-    return proc_rss_mib(pid), (proc_cpu_seconds(pid) - cpu) / window * 100
-
-
-def _rss_until_drained(server: DevServer, pid: int) -> float:
-    client = redis.Redis(port=server.port)
-    peak = 0.0
-    while True:
-        peak = max(peak, proc_rss_mib(pid))
-        groups = client.xinfo_groups(STREAM)
-        if groups and all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
-            return peak
-        time.sleep(0.05)

@@ -2,9 +2,10 @@
 
 Runs `task-tracking run` as a subprocess against its own Redis (persistence on)
 and moto's S3 server, publishes `--rate` events/s for `--minutes`, and prints
-every 30 s the sidecar's RSS, the groups' lag and pending counts and the stream
-length; at the end it checks the invariant (projection, archive exactly once,
-nothing pending) and prints the figures.
+every 30 s the range of the sidecar's RSS (sampled every second), the groups' lag
+and pending counts and the stream length; at the end it checks the invariant
+(projection, archive exactly once, nothing pending) and prints the figures, the
+maximum RSS and each minute's maximum.
 
     python -m bench.soak --minutes 10 --rate 2000
 """
@@ -40,6 +41,7 @@ from tests.helpers import (
 )
 
 BUCKET = "soak"
+RSS_TARGET_MIB = 80  # issue #19: at 2,000 events/s, archival on, default flush
 T0 = 1_773_568_800_000
 
 
@@ -69,7 +71,45 @@ async def produce(client: aioredis.Redis, rate: int, seconds: float, sent: list[
         await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
 
 
-async def report(client: aioredis.Redis, pid: int, started: float, done: asyncio.Event) -> None:
+class RssSamples:
+    """The sidecar's RSS sampled every `interval` seconds: the maximum, and per reporting
+    window its range (flat means the windows' ranges stay level)."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self._window: list[float] = []
+
+    async def run(self, started: float, done: asyncio.Event) -> None:
+        while not done.is_set():
+            rss = proc_rss_mib(self.pid)
+            self.samples.append((time.monotonic() - started, rss))
+            self._window.append(rss)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.interval)
+
+    def window(self) -> str:
+        """min-max of the samples since the last call."""
+        values, self._window = self._window, []
+        return f"{min(values):5.1f}-{max(values):5.1f}" if values else "-"
+
+    @property
+    def peak(self) -> float:
+        return max((rss for _, rss in self.samples), default=0.0)
+
+    def per_minute(self) -> str:
+        """The maximum of each minute, to show the curve is flat."""
+        minutes: dict[int, float] = {}
+        for seconds, rss in self.samples:
+            minute = int(seconds // 60)
+            minutes[minute] = max(minutes.get(minute, 0.0), rss)
+        return " ".join(f"{rss:.0f}" for _, rss in sorted(minutes.items()))
+
+
+async def report(
+    client: aioredis.Redis, rss: RssSamples, started: float, done: asyncio.Event
+) -> None:
     while not done.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 30)
@@ -77,7 +117,7 @@ async def report(client: aioredis.Redis, pid: int, started: float, done: asyncio
         groups = {g["name"].decode(): g for g in await client.xinfo_groups(STREAM)}
         lag = {name: (g["lag"], g["pending"]) for name, g in groups.items()}
         print(
-            f"t={time.monotonic() - started:6.0f}s rss={proc_rss_mib(pid):6.1f}MiB"
+            f"t={time.monotonic() - started:6.0f}s rss={rss.window()}MiB"
             f" stream={await client.xlen(STREAM):8d} (lag, pending)={lag}",
             flush=True,
         )
@@ -97,18 +137,26 @@ async def soak(minutes: float, rate: int) -> None:
             sent: list[dict] = []
             started = time.monotonic()
             done = asyncio.Event()
-            reporter = asyncio.create_task(report(client, sidecar.process.pid, started, done))
+            rss = RssSamples(sidecar.process.pid)
+            sampler = asyncio.create_task(rss.run(started, done))
+            reporter = asyncio.create_task(report(client, rss, started, done))
             await produce(client, rate, minutes * 60, sent)
             print(f"published {len(sent)} events in {time.monotonic() - started:.0f}s; draining")
             for group in ("task-status-projector", "task-history-archiver"):
                 await wait_for(lambda g=group: group_done(client, STREAM, g), 600, f"{group} done")
             done.set()  # a flag, not cancel(): a cancelled redis-py call can be swallowed
             await reporter
+            await sampler
             expected = expected_projection(sent)
             state = await projection(client, expected)
             wrong = sum(state[k].get("eventId") != v["eventId"] for k, v in expected.items())
             figures = check_exactly_once(
                 archive_objects_s3(s3.client(), BUCKET), [orjson.dumps(e) for e in sent]
+            )
+            print(
+                f"soak RSS: max {rss.peak:.1f} MiB over {len(rss.samples)} samples (1 s);"
+                f" per-minute max {rss.per_minute()} MiB (target: max <= {RSS_TARGET_MIB} MiB,"
+                f" {'met' if rss.peak <= RSS_TARGET_MIB else 'NOT met'})"
             )
             print(
                 f"soak done: events={len(sent)} rss={proc_rss_mib(sidecar.process.pid):.1f}MiB"

@@ -28,11 +28,10 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import attrgetter
-from typing import NamedTuple
 
+from sidecar.archive_buffer import ArchiveBatch
 from sidecar.conditional_writes import (
     ConditionalWrites,
     ConditionalWritesSetting,
@@ -43,13 +42,13 @@ from sidecar.errors import WorkerError
 from sidecar.events import InvalidEntry, ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError
-from sidecar.watermark import NO_ENTRY, ArchiveWatermark, just_below
+from sidecar.watermark import ArchiveWatermark, Order, just_below
 
 log = logging.getLogger(__name__)
 
 BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Everything buffered is flushed when the buffers together hold this many event bytes
-# (about twice that in memory).
+# (the buffers hold the bytes themselves plus 28 bytes per event, sidecar.archive_buffer).
 MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 # Buffers written at once when several fall due together (as the age limit makes many
 # projects' buffers do): a PUT to S3 takes tens of milliseconds, one after another they
@@ -59,34 +58,6 @@ UPLOADS_IN_FLIGHT = 4
 
 class ArchiveIntegrityError(WorkerError):
     """An existing object does not hold the entries its key says it starts with."""
-
-
-class ArchiveEntry(NamedTuple):
-    """What the archiver keeps of a buffered event: not the decoded fields, which would
-    multiply the memory a buffer takes."""
-
-    entry_id: str
-    raw: bytes
-    occurred_at_ms: int
-    order: tuple[int, int]  # the entry ID as numbers: (milliseconds, sequence)
-
-
-@dataclass
-class ArchiveBatch:
-    """Events of one project and UTC day waiting to be written."""
-
-    project: str
-    day: str
-    started: float = field(default_factory=time.monotonic)
-    events: list[ArchiveEntry] = field(default_factory=list)
-    size: int = 0
-    oldest: tuple[int, int] = NO_ENTRY  # the smallest entry ID in `events` (watermark)
-
-    def add(self, event: ArchiveEntry) -> None:
-        self.events.append(event)
-        self.size += len(event.raw) + 1
-        if event.order < self.oldest:
-            self.oldest = event.order
 
 
 MS_PER_DAY = 86_400_000
@@ -141,7 +112,6 @@ class S3TaskHistoryArchiver:
         # is re-created (`group_start`).
         self.watermark = self.group_start = watermark
         self._batches: dict[tuple[str, str], ArchiveBatch] = {}
-        self._buffered_ids: set[str] = set()
         self._buffered_bytes = 0
         self._done: list[str] = []  # written, not yet handed back for acknowledgement
         self.consumer = consumer
@@ -177,20 +147,19 @@ class S3TaskHistoryArchiver:
         # Only after the group was re-created: one test per call, not per event, otherwise.
         skip = watermark.archived if watermark is not None and watermark.redelivering else None
         for event in events:
-            if event.entry_id in self._buffered_ids:
-                continue  # re-read after a lost connection: already buffered
             day = utc_day(event.occurred_at_ms)
             order = stream_order(event.entry_id)
-            if skip is not None and skip(event.project, day, order):
-                self._done.append(event.entry_id)  # re-delivered after the group was lost
-                self.metrics.archive_watermark_skipped.inc()
-                continue
             batch = self._batches.get((event.project, day))
+            if skip is not None and skip(event.project, day, order):
+                if batch is None or not batch.holds(order):
+                    self._done.append(event.entry_id)  # re-delivered after the group was lost
+                    self.metrics.archive_watermark_skipped.inc()
+                continue
             if batch is None:
                 batch = self._batches[event.project, day] = ArchiveBatch(event.project, day)
-            batch.add(ArchiveEntry(event.entry_id, event.raw, event.occurred_at_ms, order))
-            self._buffered_ids.add(event.entry_id)
-            self._buffered_bytes += len(event.raw) + 1
+            # False for an entry re-read after a lost connection: already buffered.
+            if batch.add(order, event.raw, event.occurred_at_ms):
+                self._buffered_bytes += len(event.raw) + 1
         if events and watermark is not None:
             watermark.saw(stream_order(events[-1].entry_id))  # replies come in ID order
 
@@ -202,7 +171,8 @@ class S3TaskHistoryArchiver:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffered_ids)
+        """Events buffered, all batches together."""
+        return sum(len(batch) for batch in self._batches.values())
 
     async def flush(self, *, force: bool) -> list[str]:
         """Write every due batch (all of them with force); return the IDs now durable.
@@ -222,7 +192,7 @@ class S3TaskHistoryArchiver:
 
         async def write(batch: ArchiveBatch, complete: bool) -> None:
             async with slots:
-                newest = max((event.order for event in batch.events), default=(0, 0))
+                newest = batch.newest
                 try:
                     await self._write(batch, complete=complete)
                 finally:
@@ -230,7 +200,7 @@ class S3TaskHistoryArchiver:
 
         outcomes = await asyncio.gather(*(write(*each) for each in due), return_exceptions=True)
         for batch, _ in due:
-            if not batch.events:
+            if not len(batch):
                 del self._batches[batch.project, batch.day]
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -243,16 +213,15 @@ class S3TaskHistoryArchiver:
         done, self._done = self._done, []
         return done
 
-    def _owe_mark(self, batch: ArchiveBatch, newest: tuple[int, int]) -> None:
+    def _owe_mark(self, batch: ArchiveBatch, newest: Order) -> None:
         """After a write: the buffer's mark is just below its oldest entry left, or its
         newest entry when none is left (written in stream order, so all below are)."""
-        batch.oldest = min((event.order for event in batch.events), default=NO_ENTRY)
         if self.watermark is not None:
-            mark = just_below(batch.oldest) if batch.events else newest
+            mark = just_below(batch.oldest) if len(batch) else newest
             self.watermark.owe(batch.project, batch.day, mark)
 
     def _full(self, batch: ArchiveBatch) -> bool:
-        return len(batch.events) >= self.policy.max_events or batch.size >= self.policy.max_bytes
+        return len(batch) >= self.policy.max_events or batch.size >= self.policy.max_bytes
 
     async def _write(self, batch: ArchiveBatch, *, complete: bool) -> None:
         """Write a batch as one or more objects, each a run of entries in stream order.
@@ -260,19 +229,18 @@ class S3TaskHistoryArchiver:
         Progress is kept in the batch: after a failure, a retry resumes at the
         first entry not yet written, which is where the next object starts.
         """
-        batch.events.sort(key=attrgetter("order"))
-        while batch.events:
-            run = self._next_run(batch.events)
-            if not complete and len(run) == len(batch.events) and not self._full(batch):
+        batch.sort()
+        while len(batch):
+            count, size = batch.run_length(self.policy.max_events, self.policy.max_bytes)
+            if not complete and count == len(batch) and not self._full(batch):
                 return
-            first = run[0]
-            key = object_key(self.prefix, batch.project, batch.day, self.stream, first.entry_id)
-            body = b"".join(event.raw + b"\n" for event in run)
+            key = object_key(self.prefix, batch.project, batch.day, self.stream, batch.first_id())
+            body = batch.head(count)
             started = time.monotonic()
             try:
                 created = await self.sink.create_if_absent(key, body)
                 if not created:
-                    run = await self._already_written(key, batch.events)
+                    count, size = await self._already_written(key, batch)
             except SinkError as exc:
                 self.metrics.archive_failures.labels(exc.reason).inc()
                 raise
@@ -280,47 +248,39 @@ class S3TaskHistoryArchiver:
                 self.metrics.archive_objects.inc()
                 self.metrics.archive_bytes.inc(len(body))
                 self.metrics.archive_upload_seconds.observe(time.monotonic() - started)
-                log.debug("archived %d events to %s", len(run), key)
+                log.debug("archived %d events to %s", count, key)
             else:
                 self.metrics.archive_already_present.inc()
-                log.info("%s already holds %d of these events (earlier attempt)", key, len(run))
-            self._record_done(run)
-            del batch.events[: len(run)]
-            batch.size -= sum(len(event.raw) + 1 for event in run)
+                log.info("%s already holds %d of these events (earlier attempt)", key, count)
+            self._record_done(batch, count)
+            batch.drop_head(count)
+            self._buffered_bytes -= size
 
-    def _next_run(self, events: list[ArchiveEntry]) -> list[ArchiveEntry]:
-        size = 0
-        for count, event in enumerate(events):
-            size += len(event.raw) + 1
-            if count and (count >= self.policy.max_events or size > self.policy.max_bytes):
-                return events[:count]
-        return events
-
-    async def _already_written(self, key: str, events: list[ArchiveEntry]) -> list[ArchiveEntry]:
-        """The leading events that the existing object at `key` already holds."""
-        lines = (await self.sink.read(key)).split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        count = min(len(lines), len(events))
-        if [event.raw for event in events[:count]] != lines[:count]:
+    async def _already_written(self, key: str, batch: ArchiveBatch) -> tuple[int, int]:
+        """How many of the batch's leading events (and their bytes) the existing object at
+        `key` already holds."""
+        existing = await self.sink.read(key)
+        if existing and not existing.endswith(b"\n"):
+            existing += b"\n"
+        count = min(existing.count(b"\n"), len(batch))
+        # Archive lines hold no newline: equal leading bytes are equal leading lines.
+        ours = batch.head(count)
+        if not count or not existing.startswith(ours):
             raise ArchiveIntegrityError(
                 f"{self.sink.description}/{key} exists but does not start with entry"
-                f" {events[0].entry_id}; was the prefix shared with another stream?"
+                f" {batch.first_id()}; was the prefix shared with another stream?"
             )
-        return events[:count]
+        return count, len(ours)
 
-    def _record_done(self, run: list[ArchiveEntry]) -> None:
+    def _record_done(self, batch: ArchiveBatch, count: int) -> None:
         now = time.time()
-        for event in run:
-            self._buffered_ids.discard(event.entry_id)
-            self._buffered_bytes -= len(event.raw) + 1
-            self._done.append(event.entry_id)
+        self._done += batch.head_ids(count)
         observe_many(
             self.metrics.end_to_end_latency.labels(self.group),
-            [now - event.order[0] / 1000 for event in run],
+            [now - millis / 1000 for millis in batch.head_millis(count)],
         )
         observe_many(
             self.metrics.event_age.labels(self.group),
-            [now - event.occurred_at_ms / 1000 for event in run],
+            [now - millis / 1000 for millis in batch.head_occurred(count)],
         )
-        self.metrics.applied.labels(self.group).inc(len(run))
+        self.metrics.applied.labels(self.group).inc(count)

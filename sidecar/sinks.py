@@ -16,18 +16,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
-
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.errors import WorkerError
+
+if TYPE_CHECKING:
+    # botocore (and aiobotocore) are imported only once an S3 target is used: about 4 MiB
+    # of a sidecar's RSS that does not archive to S3 (README, "Performance").
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
 
 # Errors no retry can fix: the operator has to change the configuration.
 CONFIG_ERROR_CODES = {
@@ -61,11 +58,33 @@ S3_READ_TIMEOUT_SECONDS = 10.0
 # each PUT has a deadline of its own, both timeouts plus its body at this slow rate.
 # (/readyz names any call in flight longer than the read timeout before that.)
 SLOWEST_UPLOAD_BYTES_PER_SECOND = 1024 * 1024
-S3_CLIENT_CONFIG = Config(
-    retries={"total_max_attempts": 2, "mode": "standard"},
-    connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
-    read_timeout=S3_READ_TIMEOUT_SECONDS,
-)
+
+
+def s3_client_config() -> Config:
+    """botocore's settings for every S3 call (the timeouts and retries above)."""
+    from botocore.config import Config
+
+    return Config(
+        retries={"total_max_attempts": 2, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=S3_READ_TIMEOUT_SECONDS,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """`S3_CLIENT_CONFIG`, built when first asked for (`s3_client_config()`), so that
+    importing this module does not import botocore."""
+    if name == "S3_CLIENT_CONFIG":
+        return s3_client_config()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def s3_call_errors() -> tuple[type[Exception], ...]:
+    """What an S3 call raises when it fails (an `except` clause evaluates this only when
+    something was raised: botocore is imported by then, the client came from it)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError, OSError)
 
 
 class SinkError(WorkerError):
@@ -162,7 +181,7 @@ class S3Sink:
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", ()):
                     yield item["Key"]
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except s3_call_errors() as exc:
             raise _sink_error(exc, self.bucket, "LIST") from exc
 
     async def check(self) -> None:
@@ -235,7 +254,7 @@ class S3Sink:
             message = f"{self.description}: {operation} timed out after {seconds:.0f} s"
             self._timed_out = message
             raise SinkError(message, "timeout") from exc
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except s3_call_errors() as exc:
             error = _sink_error(exc, self.bucket, operation, seconds)
             # Another failure (refused, reset, an error reply) is not a hang: the runner
             # reports it.
@@ -254,6 +273,13 @@ def _code(exc: ClientError) -> str:
 def _sink_error(
     exc: Exception, bucket: str, operation: str, read_timeout: float = S3_READ_TIMEOUT_SECONDS
 ) -> SinkError:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
     if isinstance(exc, ReadTimeoutError):
         message = f"s3://{bucket}: {operation} timed out after {read_timeout:.0f} s"
         return SinkError(message, "timeout")
@@ -281,10 +307,10 @@ def s3_client_context(*, region: str | None, endpoint_url: str | None) -> Any:
     """An aiobotocore S3 client context: default credential chain (IRSA, workload
     identity, environment), and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL unless
     `endpoint_url` is given."""
-    from aiobotocore.session import get_session
+    from sidecar.s3_client import lean_session
 
-    return get_session().create_client(
-        "s3", region_name=region, endpoint_url=endpoint_url, config=S3_CLIENT_CONFIG
+    return lean_session().create_client(
+        "s3", region_name=region, endpoint_url=endpoint_url, config=s3_client_config()
     )
 
 
