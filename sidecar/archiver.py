@@ -28,7 +28,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sidecar.archive_buffer import ArchiveBatch
