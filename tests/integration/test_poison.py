@@ -186,7 +186,9 @@ async def test_calls_left_out_when_the_projector_is_dropped_report_no_stray_erro
         assert await projector.flush(force=False) == []  # both calls still out
         persistent_server.kill()
         await asyncio.gather(busy, return_exceptions=True)
-        await asyncio.sleep(0.2)  # the calls fail with the connection
+        await projector.in_flight.wait()  # the calls fail with the connection
+        assert isinstance(projector.in_flight.lost, RedisConnectionError)
+        assert len(projector.in_flight) == 2  # nobody settles them
         del projector
         gc.collect()
         await asyncio.sleep(0)
