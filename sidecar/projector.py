@@ -40,6 +40,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
+from sidecar.consumer import Flushed
 from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent, stream_order
 from sidecar.in_flight import CallsInFlight, Outcome
 from sidecar.keys import execution_key, project_index_key
@@ -249,8 +250,9 @@ class RedisTaskStatusProjector:
         self._cluster = isinstance(redis, RedisCluster)
         self._sha = hashlib.sha1(COMPARE_AND_SET.encode()).hexdigest()
         self._buffer: list[ValidEvent] = []
+        # handed back at the next flush: entries durable, events Redis refused
+        self._settled: list[str] = []
         self._rejected: list[InvalidEntry] = []
-        self._settled: list[str] = []  # durable, handed back at the next flush
         self.in_flight = CallsInFlight(self._apply_one, limit=MAX_IN_FLIGHT)
 
     async def prepare(self) -> None:
@@ -262,11 +264,7 @@ class RedisTaskStatusProjector:
     def seconds_until_due(self) -> float | None:
         return 0.0 if self._buffer or self.in_flight else None
 
-    def take_rejected(self) -> list[InvalidEntry]:
-        rejected, self._rejected = self._rejected, []
-        return rejected
-
-    async def flush(self, *, force: bool) -> list[str]:
+    async def flush(self, *, force: bool) -> Flushed:
         # Calls of earlier flushes that finished: a lost one's events join this batch,
         # sent again now (after a Redis outage, with no failure raised a second time).
         self._take(self.in_flight.settle())
@@ -279,8 +277,9 @@ class RedisTaskStatusProjector:
             await self.in_flight.wait()
             self._take(self.in_flight.settle())
             raise loss  # the runner retries; what was settled is handed back then
-        settled, self._settled = self._settled, []
-        return settled
+        flushed = Flushed(self._settled, self._rejected)
+        self._settled, self._rejected = [], []
+        return flushed
 
     async def apply(self, events: Sequence[ValidEvent]) -> int:
         """Apply events, waiting for them; returns how many took effect (as many as

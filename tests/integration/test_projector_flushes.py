@@ -148,8 +148,9 @@ async def _check(
 
         async def flush(force: bool) -> None:
             with contextlib.suppress(RedisConnectionError):  # the runner retries later
-                acknowledged.extend(await projector.flush(force=force))
-            rejected.extend(entry.entry_id for entry in projector.take_rejected())
+                flushed = await projector.flush(force=force)
+                acknowledged.extend(flushed.durable_ids)
+                rejected.extend(entry.entry_id for entry in flushed.rejected)
 
         client.faults = faults
         added = 0
