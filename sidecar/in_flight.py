@@ -1,13 +1,14 @@
 """The projector's script calls in flight: how they overlap, as one rule.
 
-Each call is a task that first waits for the earlier calls holding any of its executions
-(so the events of one execution are applied in stream order), then for one of `limit`
-slots (each call out holds a pooled connection); after a lost call, no call is sent until
-every call out is settled. A call Redis refuses is applied again one event at a time
-inside its task, handing back the events Redis refuses, so that one event cannot block
-the group. So a finished task is its call's whole outcome (`Outcome`): applied, refused,
-or not sent because the connection was lost; settling pops the finished tasks and never
-waits.
+A call is submitted once fewer than `limit` calls are unfinished (each call out holds a
+pooled connection, and its events; so a flush returns only once its calls are out, and a
+backlog cannot pile up calls in memory). Each call is a task that first waits for the
+earlier calls holding any of its executions, so the events of one execution are applied
+in stream order; after a lost call, no call is sent until every call out is settled. A
+call Redis refuses is applied again one event at a time inside its task, handing back
+the events Redis refuses, so that one event cannot block the group. So a finished task is
+its call's whole outcome (`Outcome`): applied, refused, or not sent because the
+connection was lost; settling pops the finished tasks and never waits.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ class CallsInFlight:
 
     def __init__(self, apply_one: Callable[[ValidEvent], Awaitable[int]], *, limit: int) -> None:
         self._apply_one = apply_one  # one event's calls, for a refused call's fallback
-        self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
         self._calls: list[_Call] = []
         self._holding: dict[str, _Call] = {}  # execution -> the last unsettled call holding it
-        # A call's lost connection: the calls that get a slot after it are not sent, until
+        # A call's lost connection: the calls that start after it are not sent, until
         # every call out is settled (their events go back to the buffer with its own). So
         # a call that waited for a lost one is not sent either: the events of an execution
         # are sent again together, in stream order.
@@ -75,14 +76,22 @@ class CallsInFlight:
     def __len__(self) -> int:
         return len(self._calls)
 
+    async def room(self) -> None:
+        """Until fewer than `limit` calls are unfinished."""
+        while True:
+            running = [call.task for call in self._calls if not call.task.done()]
+            if len(running) < self._limit:
+                return
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
     def submit(
         self,
         events: list[ValidEvent],
         execution_ids: Sequence[str],
         send: Callable[[], Awaitable[int]],
     ) -> None:
-        """Start a call: `send()` applies `events` (those of `execution_ids`), returning how
-        many took effect."""
+        """Start a call (after `room()`): `send()` applies `events` (those of
+        `execution_ids`), returning how many took effect."""
         holders = {held.task for x in execution_ids if (held := self._holding.get(x)) is not None}
         call = _Call(events, execution_ids, asyncio.ensure_future(self._run(events, holders, send)))
         self._calls.append(call)
@@ -116,17 +125,16 @@ class CallsInFlight:
     ) -> Outcome:
         if holders:
             await asyncio.wait(holders)
-        async with self._slots:
-            if self.lost is not None:  # maybe a call this one waited for: keep the order
-                return Outcome(unsent=events, error=self.lost)
-            try:
-                return Outcome(done=events, applied=await send())
-            except Exception as exc:
-                if not refused(exc):
-                    self.lost = exc
-                    return Outcome(unsent=events, error=exc)
-                log.warning("batch refused by Redis (%s); applying its events one by one", exc)
-                return await self._one_by_one(events)
+        if self.lost is not None:  # maybe a call this one waited for: keep the order
+            return Outcome(unsent=events, error=self.lost)
+        try:
+            return Outcome(done=events, applied=await send())
+        except Exception as exc:
+            if not refused(exc):
+                self.lost = exc
+                return Outcome(unsent=events, error=exc)
+            log.warning("batch refused by Redis (%s); applying its events one by one", exc)
+            return await self._one_by_one(events)
 
     async def _one_by_one(self, events: list[ValidEvent]) -> Outcome:
         outcome = Outcome()

@@ -302,20 +302,25 @@ class RedisTaskStatusProjector:
             return 0
         runs = coalesce(events)
         if self._cluster:  # one pipeline of one call per hash slot
+            await self.in_flight.room()
             calls = calls_by_slot(runs, events)
             self.in_flight.submit(events, list(runs), partial(self._execute, calls))
             return 1
         chunks = calls_in_chunks(runs, events)
         count = 0
+        call: _ScriptCall | None = None
         try:
             for call in chunks:
+                await self.in_flight.room()
                 self.in_flight.submit(
                     call.events, call.execution_ids, partial(self._execute, [call])
                 )
+                call = None
                 count += 1
                 await asyncio.sleep(0)  # let it go out now
         finally:
-            self._put_back([event for rest in chunks for event in rest.events])
+            unsent = [] if call is None else call.events
+            self._put_back(unsent + [event for rest in chunks for event in rest.events])
         return count
 
     def _take(self, outcomes: list[Outcome]) -> BaseException | None:

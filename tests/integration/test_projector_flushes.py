@@ -151,6 +151,8 @@ async def _check(
                 flushed = await projector.flush(force=force)
                 acknowledged.extend(flushed.durable_ids)
                 rejected.extend(entry.entry_id for entry in flushed.rejected)
+                # back-pressure: a flush returns with its calls out, none queued behind
+                assert len(projector.in_flight) <= 3
 
         client.faults = faults
         added = 0
