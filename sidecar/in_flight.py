@@ -1,10 +1,11 @@
 """The projector's script calls in flight: how they overlap, as one rule.
 
-A call is submitted once fewer than `limit` calls are unfinished (each call out holds a
-pooled connection, and its events; so a flush returns only once its calls are out, and a
-backlog cannot pile up calls in memory). Each call is a task that first waits for the
-earlier calls holding any of its executions, so the events of one execution are applied
-in stream order; after a lost call, no call is sent until every call out is settled. A
+Each call is a task that first waits for the earlier calls holding any of its
+executions, so the events of one execution are applied in stream order, then for one of
+`limit` slots (each call out holds a pooled connection). A call is submitted only once
+every call before it is out (`room()`), so a flush returns with its calls out and none
+queued, and a backlog cannot pile calls up in memory. After a lost call, no call is sent
+until every call out is settled. A
 call Redis refuses is applied again one event at a time inside its task, handing back
 the events Redis refuses, so that one event cannot block the group. So a finished task is
 its call's whole outcome (`Outcome`): applied, refused, or not sent because the
@@ -57,6 +58,7 @@ class _Call:
     events: list[ValidEvent]
     execution_ids: Sequence[str]
     task: asyncio.Task[Outcome]
+    out: asyncio.Future[None]  # done once the call holds a slot (or finished without)
 
 
 class CallsInFlight:
@@ -64,7 +66,7 @@ class CallsInFlight:
 
     def __init__(self, apply_one: Callable[[ValidEvent], Awaitable[int]], *, limit: int) -> None:
         self._apply_one = apply_one  # one event's calls, for a refused call's fallback
-        self._limit = limit
+        self._slots = asyncio.Semaphore(limit)
         self._calls: list[_Call] = []
         self._holding: dict[str, _Call] = {}  # execution -> the last unsettled call holding it
         # A call's lost connection: the calls that start after it are not sent, until
@@ -77,12 +79,10 @@ class CallsInFlight:
         return len(self._calls)
 
     async def room(self) -> None:
-        """Until fewer than `limit` calls are unfinished."""
-        while True:
-            running = [call.task for call in self._calls if not call.task.done()]
-            if len(running) < self._limit:
-                return
-            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        """Until every call submitted is out (holds a slot) or finished."""
+        waiting = [call.out for call in self._calls if not call.out.done()]
+        if waiting:
+            await asyncio.wait(waiting)
 
     def submit(
         self,
@@ -93,7 +93,9 @@ class CallsInFlight:
         """Start a call (after `room()`): `send()` applies `events` (those of
         `execution_ids`), returning how many took effect."""
         holders = {held.task for x in execution_ids if (held := self._holding.get(x)) is not None}
-        call = _Call(events, execution_ids, asyncio.ensure_future(self._run(events, holders, send)))
+        out = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(self._run(events, holders, send, out))
+        call = _Call(events, execution_ids, task, out)
         self._calls.append(call)
         for execution_id in execution_ids:
             self._holding[execution_id] = call
@@ -122,9 +124,19 @@ class CallsInFlight:
         events: list[ValidEvent],
         holders: set[asyncio.Task[Outcome]],
         send: Callable[[], Awaitable[int]],
+        out: asyncio.Future[None],
     ) -> Outcome:
-        if holders:
-            await asyncio.wait(holders)
+        try:
+            if holders:
+                await asyncio.wait(holders)
+            async with self._slots:
+                out.set_result(None)
+                return await self._send(events, send)
+        finally:
+            if not out.done():
+                out.set_result(None)
+
+    async def _send(self, events: list[ValidEvent], send: Callable[[], Awaitable[int]]) -> Outcome:
         if self.lost is not None:  # maybe a call this one waited for: keep the order
             return Outcome(unsent=events, error=self.lost)
         try:

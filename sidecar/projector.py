@@ -318,6 +318,7 @@ class RedisTaskStatusProjector:
                 call = None
                 count += 1
                 await asyncio.sleep(0)  # let it go out now
+            await self.in_flight.room()  # return once every call is out
         finally:
             unsent = [] if call is None else call.events
             self._put_back(unsent + [event for rest in chunks for event in rest.events])
