@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from bench.workload import PROJECTOR_GROUP, STREAM
 from sidecar.connections import connect
-from sidecar.consumer import BatchHandler, ConsumerGroupRunner, RunnerOptions
-from sidecar.events import InvalidEntry, ValidEvent
+from sidecar.consumer import BatchHandler, ConsumerGroupRunner, Flushed, RunnerOptions
+from sidecar.events import ValidEvent
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
 
@@ -23,7 +23,7 @@ class CountingHandler:
     def __init__(self, handler: BatchHandler, expected: int, *, timed: bool = False) -> None:
         self.handler = handler
         self.timed = timed
-        self.read_ahead = getattr(handler, "read_ahead", False)
+        self.read_ahead = handler.read_ahead
         self.expected = expected
         self.done = 0
         self.finished = asyncio.Event()
@@ -43,11 +43,9 @@ class CountingHandler:
     def seconds_until_due(self) -> float | None:
         return self.handler.seconds_until_due()
 
-    def take_rejected(self) -> list[InvalidEntry]:
-        return self.handler.take_rejected()
-
-    async def flush(self, *, force: bool) -> list[str]:
-        ids = await self.handler.flush(force=force)
+    async def flush(self, *, force: bool) -> Flushed:
+        flushed = await self.handler.flush(force=force)
+        ids = flushed.durable_ids
         now = time.time()
         for entry_id in ids if self.timed else ():
             sent = self._sent.pop(entry_id, None)
@@ -56,7 +54,7 @@ class CountingHandler:
         self.done += len(ids)
         if self.done >= self.expected:
             self.finished.set()
-        return ids
+        return flushed
 
 
 async def run_worker(

@@ -37,8 +37,9 @@ from sidecar.conditional_writes import (
     settle_conditional_writes,
 )
 from sidecar.config import FlushPolicy
+from sidecar.consumer import Flushed
 from sidecar.errors import WorkerError
-from sidecar.events import InvalidEntry, ValidEvent, stream_order
+from sidecar.events import ValidEvent, stream_order
 from sidecar.metrics import Metrics, observe_many
 from sidecar.sinks import ArchiveSink, SinkError
 from sidecar.watermark import ArchiveWatermark, Order, just_below
@@ -88,6 +89,9 @@ def object_key(prefix: str, project: str, day: str, stream: str, first_entry_id:
 class S3TaskHistoryArchiver:
     """Writes buffered events to an `ArchiveSink`; a `BatchHandler` for the runner."""
 
+    # Not while a flush waits: its pending list must hold only what its buffer has seen.
+    read_ahead = False
+
     def __init__(
         self,
         sink: ArchiveSink,
@@ -116,9 +120,6 @@ class S3TaskHistoryArchiver:
         self.consumer = consumer
         self.conditional_writes_setting = conditional_writes
         self.write_mode: ConditionalWrites | None = None  # settled by the first prepare()
-
-    def take_rejected(self) -> list[InvalidEntry]:
-        return []  # the archiver acknowledges what it cannot use; it rejects nothing
 
     async def prepare(self) -> None:
         """`check_target`, counting its failures (the runner calls it before reading)."""
@@ -173,7 +174,7 @@ class S3TaskHistoryArchiver:
         """Events buffered, all batches together."""
         return sum(len(batch) for batch in self._batches.values())
 
-    async def flush(self, *, force: bool) -> list[str]:
+    async def flush(self, *, force: bool) -> Flushed:
         """Write every due batch (all of them with force); return the IDs now durable.
 
         Due batches are written `UPLOADS_IN_FLIGHT` at a time; when one fails, the others
@@ -210,7 +211,7 @@ class S3TaskHistoryArchiver:
             oldest = min((batch.oldest for batch in self._batches.values()), default=None)
             await self.watermark.advance(oldest)
         done, self._done = self._done, []
-        return done
+        return Flushed(done)  # it acknowledges what it cannot use; it rejects nothing
 
     def _owe_mark(self, batch: ArchiveBatch, newest: Order) -> None:
         """After a write: the buffer's mark is just below its oldest entry left, or its

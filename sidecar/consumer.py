@@ -2,44 +2,36 @@
 
 It owns everything about a Redis consumer group that is not the worker's
 effect: creating the group, re-reading the consumer's own pending entries on
-start, blocking reads in batches, claiming the pending entries of consumers
-that died, dead-lettering invalid entries, acknowledging only what the worker
-reports durable, reconnecting with capped backoff, and draining on stop.
+start, blocking reads in batches (sidecar.bounded_read), claiming the pending
+entries of consumers that died (sidecar.claims), dead-lettering invalid entries
+(sidecar.dead_letter), acknowledging only what the worker reports durable,
+reconnecting with capped backoff, and draining on stop.
 
 A worker is a `BatchHandler`: `add` buffers decoded events in memory (it cannot
-fail), `flush` makes some or all of them durable and returns their entry IDs.
-`flush` must be safe to call again after it raised: the runner retries it.
+fail), `flush` makes some or all of them durable and returns their entry IDs
+with the events it gave up on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sidecar.batches import Batch, BatchDecoder
+from sidecar.bounded_read import READ_BUDGET_BYTES, BoundedReader, StreamEntry
+from sidecar.claims import Claimer
+from sidecar.dead_letter import DeadLetterer
 from sidecar.errors import WorkerError
-from sidecar.events import (
-    DEAD_LETTER_EVENT_BYTES,
-    DEFAULT_LIMITS,
-    EventLimits,
-    EventValue,
-    InvalidEntry,
-    Oversized,
-    ValidEvent,
-    decode_values,
-    entry_ms,
-)
+from sidecar.events import DEFAULT_LIMITS, EventLimits, InvalidEntry, ValidEvent
 from sidecar.logs import ContextLogger
 from sidecar.metrics import Metrics
 
@@ -49,103 +41,22 @@ log = logging.getLogger(__name__)
 # retried too, but logged with its traceback.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
-# Removes a consumer from the group only if it still has nothing pending and is
-# still idle, atomically: a consumer that read in between keeps its entries.
-DELETE_IDLE_CONSUMER = """
-for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local fields = {}
-  for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
-  if fields['name'] == ARGV[2] then
-    if tonumber(fields['pending']) == 0 and tonumber(fields['idle']) >= tonumber(ARGV[3]) then
-      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-    end
-    return -1
-  end
-end
-return -1
-"""
 
+@dataclass
+class Flushed:
+    """What a flush made durable, and what it gave up on."""
 
-# KEYS[1] stream, KEYS[2] dead-letter stream; ARGV[1] group, ARGV[2] entry ID, ARGV[3]
-# the dead-letter stream's approximate cap (0: none), ARGV[4…] the dead-letter entry's
-# fields. Dead-letters only what this call acknowledged.
-ACK_THEN_DEAD_LETTER = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  if ARGV[3] ~= '0' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-  else
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-  end
-  return 1
-end
-return 0
-"""
-
-# Reads entries for the group with a bound on the reply's size, so that no event, and no
-# batch of events, can grow the sidecar's memory past what it can hold.
-# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] `>` for new
-# entries, or an ID for this consumer's pending entries after it; ARGV[5] the longest
-# `event` value returned whole, ARGV[6] the prefix returned of a longer one, ARGV[7] the
-# reply's byte budget. XREADGROUP is called in chunks no larger than the budget holds at
-# the longest size, so nothing is delivered that is not returned.
-# Returns {entries, wait_from}: per entry {id, value, …} (its `event` values only; a
-# longer value as {prefix, size}; {id, 0} for a pending entry since deleted), and when
-# nothing new was there, the stream's last ID to block on.
-READ_BOUNDED = """
-local group, consumer, cursor = ARGV[1], ARGV[2], ARGV[4]
-local left, longest = tonumber(ARGV[3]), tonumber(ARGV[5])
-local prefix, budget = tonumber(ARGV[6]), tonumber(ARGV[7])
-local out = {}
-while left > 0 do
-  local count = math.min(left, math.max(1, math.floor(budget / longest)))
-  local reply = redis.call(
-    'XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', KEYS[1], cursor)
-  local entries = reply and reply[1][2] or {}
-  for _, entry in ipairs(entries) do
-    local item = {entry[1]}
-    if not entry[2] then
-      item[2] = 0
-    else
-      local fields = entry[2]
-      for i = 1, #fields, 2 do
-        if fields[i] == 'event' then
-          local value = fields[i + 1]
-          if #value > longest then
-            item[#item + 1] = {string.sub(value, 1, prefix), #value}
-            budget = budget - prefix
-          else
-            item[#item + 1] = value
-            budget = budget - #value
-          end
-        end
-      end
-    end
-    out[#out + 1] = item
-  end
-  left = left - #entries
-  if #entries < count or budget < longest then break end
-  if cursor ~= '>' then cursor = entries[#entries][1] end
-end
-local wait_from = ''
-if #out == 0 and cursor == '>' then
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  wait_from = last[1] and last[1][1] or '0-0'
-end
-return {out, wait_from}
-"""
-READ_BOUNDED_SHA = hashlib.sha1(READ_BOUNDED.encode()).hexdigest()
-# What one read may return, at most (besides one value of the longest size).
-READ_BUDGET_BYTES = 16 * 1024 * 1024
-
-# A stream entry as read: its ID and its `event` values (None: deleted from the stream).
-StreamEntry = tuple[str, list[EventValue] | None]
-
-# Entries decoded between two turns of the event loop when a batch is read ahead.
-DECODE_SLICE = 50
+    durable_ids: list[str] = field(default_factory=list)  # for the runner to acknowledge
+    rejected: list[InvalidEntry] = field(default_factory=list)  # to be dead-lettered
 
 
 class BatchHandler(Protocol):
     """What a worker does with the valid events the runner hands it."""
+
+    # May the runner read and decode the next batch while a flush waits? (The projector:
+    # decoding overlaps the server's script. Not the archiver: its pending list must not
+    # hold entries its buffer has not seen when a dead consumer's entries are claimed.)
+    read_ahead: bool
 
     async def prepare(self) -> None:
         """Check the worker can do its job before reading (raise `WorkerError` if not)."""
@@ -153,14 +64,15 @@ class BatchHandler(Protocol):
     def add(self, events: Sequence[ValidEvent]) -> None:
         """Buffer events in memory."""
 
-    async def flush(self, *, force: bool) -> list[str]:
-        """Make buffered events durable; with force, all of them. Returns acknowledged IDs."""
+    async def flush(self, *, force: bool) -> Flushed:
+        """Make buffered events durable; with force, all of them. Returns the entry IDs
+        now durable and the events given up on, each once, from this flush or earlier ones.
+
+        The runner calls it again after it raised (after a backoff), so it must be safe
+        to retry: what it made durable before raising is handed back by a later flush."""
 
     def seconds_until_due(self) -> float | None:
         """When the next time-based flush is due, or None if nothing is buffered."""
-
-    def take_rejected(self) -> list[InvalidEntry]:
-        """Events the last flushes gave up on (to be dead-lettered), emptying the list."""
 
 
 class GroupStart(Protocol):
@@ -172,18 +84,6 @@ class GroupStart(Protocol):
 
     async def created(self, start_id: str | None) -> None:
         """The runner just created the group there (log it, count it)."""
-
-
-@dataclass
-class Batch:
-    """Entries read in one call, decoded."""
-
-    valid: list[ValidEvent] = field(default_factory=list)
-    invalid: list[InvalidEntry] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.valid) + len(self.invalid)
 
 
 @dataclass(frozen=True)
@@ -222,8 +122,7 @@ class ConsumerGroupRunner:
         self.consumer = consumer
         self.handler = handler
         self.metrics = metrics
-        self.options = options or RunnerOptions()
-        self.dead_letter_key = f"{stream}:dead-letter"
+        self.options = options = options or RunnerOptions()
         self.ready = asyncio.Event()
         self.failure: str | None = None  # last error while not ready, for /readyz
         self._stopping = asyncio.Event()
@@ -232,12 +131,39 @@ class ConsumerGroupRunner:
         self._recovered = False
         self._force_flush = False
         self._redis_lost = False
-        self._next_claim = 0.0
-        self._warned: set[str] = set()  # optional fields whose first warning was logged
         # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
         context = {"worker": worker or group, "group": group, "consumer": consumer}
         self._log = ContextLogger(log, context)
-        metrics.init_group(group, dead_letter=self.options.dead_letter)
+        self._reader = BoundedReader(
+            redis,
+            stream=stream,
+            group=group,
+            consumer=consumer,
+            batch_size=options.batch_size,
+            max_event_bytes=options.limits.max_event_bytes,
+            budget_bytes=options.read_budget_bytes,
+        )
+        self._decoder = BatchDecoder(
+            options.limits, metrics, self._log, count_warnings=options.dead_letter
+        )
+        self._dead_letters = DeadLetterer(
+            redis,
+            metrics,
+            self._log,
+            stream=stream,
+            group=group,
+            dead_letter=options.dead_letter,
+            maxlen=options.dead_letter_maxlen,
+        )
+        self._claimer = Claimer(
+            self._reader,
+            metrics,
+            self._log,
+            group=group,
+            consumer=consumer,
+            idle_ms=options.claim_idle_ms,
+        )
+        metrics.init_group(group, dead_letter=options.dead_letter)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -278,21 +204,16 @@ class ConsumerGroupRunner:
                     return
 
     async def _consume(self) -> None:
-        """Read, hand over, flush, acknowledge, until stopped.
-
-        A handler with `read_ahead` gets the next batch read and decoded while its
-        flush of the current one waits on Redis (the projector: decoding overlaps the
-        server's script). Not the archiver: its pending list must not hold entries
-        its buffer has not seen when a dead consumer's entries are claimed.
-        """
+        """Read, hand over, flush, acknowledge, until stopped; with the handler's
+        `read_ahead`, the next batch is read and decoded while its flush waits."""
         ahead: asyncio.Future[Batch] | None = None
         try:
             while not self._stopping.is_set():
-                await self._claim_from_dead_consumers()
+                await self._claimer.claim_due(self._settle_in_hand, self._take_over)
                 batch = await ahead if ahead is not None else await self._read_batch()
                 ahead = None
                 await self._accept(batch, force=False)
-                if batch.size and getattr(self.handler, "read_ahead", False):
+                if batch.size and self.handler.read_ahead:
                     ahead = asyncio.ensure_future(self._read_batch())
                     await asyncio.sleep(0)  # let its read go out before the flush's commands
                 await self._ack(await self._flush(force=False))
@@ -305,17 +226,13 @@ class ConsumerGroupRunner:
                 await asyncio.gather(ahead, return_exceptions=True)
 
     async def _read_batch(self) -> Batch:
-        """Read and decode a batch, giving way to the loop every `DECODE_SLICE` entries: a
-        batch read ahead would otherwise hold the loop for milliseconds of decoding, during
-        which no script call goes out and the server's queue of them runs dry."""
-        entries = await self._read_new()
-        batch = self._decode(entries[:DECODE_SLICE])
-        for start in range(DECODE_SLICE, len(entries), DECODE_SLICE):
-            await asyncio.sleep(0)
-            more = self._decode(entries[start : start + DECODE_SLICE])
-            batch.valid += more.valid
-            batch.invalid += more.invalid
-        return batch
+        """Read new entries (waiting for some, up to the block time) and decode them."""
+        block = self.options.block_ms
+        due = self.handler.seconds_until_due()
+        if due is not None:  # wait no longer than the handler's next flush
+            block = max(1, min(block, int(due * 1000)))
+        entries = await self._reader.read_new(block, self._stopping)
+        return await self._decoder.decode_in_slices(entries)
 
     async def stop(self) -> None:
         """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""
@@ -381,112 +298,12 @@ class ConsumerGroupRunner:
         One batch, so a worker that groups entries (the archiver) forms exactly
         the groups it formed before a crash; see README "Exactly once".
         """
-        entries = await self._read_own_pending()
+        entries = await self._reader.read_own_pending()
         if entries:
             self._log.info("re-reading %d pending entries of this consumer", len(entries))
-            await self._accept(self._decode(entries), force=True)
+            await self._accept(self._decoder.decode(entries), force=True)
 
-    async def _read_own_pending(self) -> list[StreamEntry]:
-        entries: list[StreamEntry] = []
-        cursor = "0"
-        while page := (await self._read(cursor))[0]:
-            entries.extend(page)
-            cursor = page[-1][0]
-        return entries
-
-    async def _read_new(self) -> list[StreamEntry]:
-        """New entries for this consumer; when there are none, wait (up to the block time,
-        shorter when the handler has a flush due) for the stream to grow, then read."""
-        entries, wait_from = await self._read(">")
-        if entries or not wait_from:
-            return entries
-        block = self.options.block_ms
-        due = self.handler.seconds_until_due()
-        if due is not None:
-            block = max(1, min(block, int(due * 1000)))
-        # Only a wake-up: what it returns (one entry) is read again through the group. It
-        # delivers nothing, so a stop cuts it short (redis-py drops a connection whose
-        # command was cancelled): stopping an idle consumer does not wait for the block.
-        wake = asyncio.ensure_future(
-            self.redis.xread({self.stream: wait_from}, count=1, block=block)
-        )
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({wake, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not wake.done():
-            wake.cancel()
-            await asyncio.gather(wake, return_exceptions=True)
-            return []
-        wake.result()  # a lost connection, say
-        if self._stopping.is_set():  # stopped meanwhile: read nothing more
-            return []
-        return (await self._read(">"))[0]
-
-    async def _read(self, cursor: str) -> tuple[list[StreamEntry], str]:
-        """One bounded read (`READ_BOUNDED`): new entries (`>`) or own pending ones after
-        `cursor`; and, when nothing new was there, the ID to wait from."""
-        options = self.options
-        args = (
-            READ_BOUNDED_SHA,
-            1,
-            self.stream,
-            self.group,
-            self.consumer,
-            options.batch_size,
-            cursor,
-            options.limits.max_event_bytes,
-            DEAD_LETTER_EVENT_BYTES,
-            # room for a few events of the largest size: a read always takes several
-            max(options.read_budget_bytes, 4 * options.limits.max_event_bytes),
-        )
-        try:
-            reply: Any = await self.redis.execute_command("EVALSHA", *args)
-        except NoScriptError:  # a restarted or failed-over server lost its script cache
-            await self.redis.script_load(READ_BOUNDED)
-            reply = await self.redis.execute_command("EVALSHA", *args)
-        entries: list[StreamEntry] = []
-        for item in reply[0]:
-            values = item[1:]
-            if len(values) == 1 and type(values[0]) is bytes:  # the common case
-                entries.append((item[0].decode(), values))
-            elif values == [0]:
-                entries.append((item[0].decode(), None))
-            else:
-                values = [Oversized(v[0], v[1]) if type(v) is list else v for v in values]
-                entries.append((item[0].decode(), values))
-        return entries, reply[1].decode()
-
-    def _decode(self, entries: Sequence[StreamEntry]) -> Batch:
-        batch = Batch()
-        limits = self.options.limits
-        # entries come in stream order: the first one's time bounds every later one's
-        first = entry_ms(entries[0][0]) if entries else None
-        at_least = first or 0
-        for entry_id, values in entries:
-            if values is None:  # a pending entry deleted from the stream meanwhile
-                batch.invalid.append(InvalidEntry(entry_id, None, "entry no longer in the stream"))
-                continue
-            decoded = decode_values(entry_id, values, limits, added_at_least=at_least)
-            if isinstance(decoded, InvalidEntry):
-                batch.invalid.append(decoded)
-            else:
-                if decoded.warnings and self.options.dead_letter:
-                    self._warn(decoded)
-                batch.valid.append(decoded)
-        return batch
-
-    def _warn(self, event: ValidEvent) -> None:
-        """Count a valid event's malformed optional fields; log the first of each field."""
-        for name in event.warnings:
-            self.metrics.event_warnings.labels(name).inc()
-            if name not in self._warned:
-                self._warned.add(name)
-                self._log.warning(
-                    "event field %s is not in the contract's shape; kept as sent"
-                    " (counted in task_tracking_event_warnings_total, logged once)",
-                    name,
-                    extra={"stream_id": event.entry_id, "execution_id": event.execution_id},
-                )
+    # ---- settling --------------------------------------------------------
 
     async def _accept(self, batch: Batch, *, force: bool) -> None:
         """Hand a decoded batch to the handler and settle what is in hand."""
@@ -498,6 +315,13 @@ class ConsumerGroupRunner:
         self._invalid.extend(batch.invalid)
         self._force_flush = self._force_flush or force
         await self._settle()
+
+    async def _take_over(self, entries: list[StreamEntry]) -> None:
+        """Settle a dead consumer's entries, claimed, as one batch."""
+        await self._accept(self._decoder.decode(entries), force=True)
+
+    async def _settle_in_hand(self) -> None:
+        await self._settle(force=True)
 
     async def _settle(self, *, force: bool = False) -> None:
         """Finish what is in hand: invalid entries, a forced flush, unsent acknowledgements.
@@ -512,9 +336,9 @@ class ConsumerGroupRunner:
 
     async def _flush(self, *, force: bool) -> list[str]:
         """The handler's flush; what it gave up on joins the invalid entries."""
-        done = await self.handler.flush(force=force)
-        self._invalid.extend(self.handler.take_rejected())
-        return done
+        flushed = await self.handler.flush(force=force)
+        self._invalid.extend(flushed.rejected)
+        return flushed.durable_ids
 
     async def _ack(self, ids: list[str]) -> None:
         self._to_ack.extend(ids)
@@ -523,109 +347,6 @@ class ConsumerGroupRunner:
             self._to_ack.clear()
 
     async def _dispose_invalid(self) -> None:
-        if not self._invalid:
-            return
-        if not self.options.dead_letter:
-            self.metrics.invalid_skipped.labels(self.group).inc(len(self._invalid))
-            self._to_ack.extend(entry.entry_id for entry in self._invalid)
+        if self._invalid:
+            self._to_ack.extend(await self._dead_letters.settle(self._invalid))
             self._invalid.clear()
-            return
-        for entry in self._invalid:
-            self._log.warning(
-                "dead-lettering entry: %s",
-                entry.reason,
-                extra={"stream_id": entry.entry_id, "execution_id": _execution_id(entry.raw)},
-            )
-        # Standalone Redis: one script per entry acknowledges it and, only if that
-        # acknowledgement took, dead-letters it: a retry after a lost reply, or an
-        # entry someone else settled, adds nothing. A cluster keeps the two streams
-        # on different slots: dead-letter first, then acknowledge (at least once).
-        standalone = isinstance(self.redis, Redis)
-        maxlen = self.options.dead_letter_maxlen
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry in self._invalid:
-                fields = [*entry.dead_letter_fields(), "group", self.group]
-                if standalone:
-                    pipe.eval(
-                        ACK_THEN_DEAD_LETTER,
-                        2,
-                        self.stream,
-                        self.dead_letter_key,
-                        self.group,
-                        entry.entry_id,
-                        maxlen,
-                        *fields,
-                    )
-                else:
-                    cap: list[str | int] = ["MAXLEN", "~", maxlen] if maxlen else []
-                    pipe.execute_command("XADD", self.dead_letter_key, *cap, "*", *fields)
-            results = await pipe.execute()
-        if standalone:
-            dead_lettered = sum(results)
-        else:
-            await self.redis.xack(self.stream, self.group, *(e.entry_id for e in self._invalid))
-            dead_lettered = len(self._invalid)
-        self.metrics.dead_lettered.labels(self.group).inc(dead_lettered)
-        self._invalid.clear()
-
-    # ---- claiming --------------------------------------------------------
-
-    async def _claim_from_dead_consumers(self) -> None:
-        """Take over the pending entries of consumers idle longer than the claim time.
-
-        A dead consumer's pending list is claimed whole, in one XCLAIM, and
-        settled as one batch after this consumer's own buffer is flushed, for
-        the same reason own pending entries are re-read as one batch.
-        """
-        now = time.monotonic()
-        if now < self._next_claim:
-            return
-        self._next_claim = now + self.options.claim_idle_ms / 4000
-        idle_ms = self.options.claim_idle_ms
-        consumers: Any = await self.redis.xinfo_consumers(self.stream, self.group)
-        for info in consumers:
-            name = _text(info["name"])
-            if name == self.consumer or int(info["idle"]) < idle_ms:
-                continue
-            if int(info["pending"]) == 0:
-                await self.redis.eval(
-                    DELETE_IDLE_CONSUMER, 1, self.stream, self.group, name, idle_ms
-                )
-                continue
-            ids = await self._pending_ids(name, int(info["pending"]))
-            self._to_ack.extend(await self._flush(force=True))
-            await self._dispose_invalid()
-            await self._ack([])
-            # IDs only: the entries are then read through the bounded read, like any other
-            claimed: Any = await self.redis.xclaim(
-                self.stream, self.group, self.consumer, idle_ms, list[Any](ids), justid=True
-            )
-            if claimed:
-                self._log.warning(
-                    "claimed %d pending entries of idle consumer %s", len(claimed), name
-                )
-                self.metrics.claimed.labels(self.group).inc(len(claimed))
-                wanted = {_text(entry_id) for entry_id in claimed}
-                # not a batch read ahead, which is pending here too and handled as read
-                entries = [e for e in await self._read_own_pending() if e[0] in wanted]
-                await self._accept(self._decode(entries), force=True)
-
-    async def _pending_ids(self, consumer: str, count: int) -> list[str]:
-        rows: Any = await self.redis.xpending_range(
-            self.stream, self.group, min="-", max="+", count=count, consumername=consumer
-        )
-        return [_text(row["message_id"]) for row in rows]
-
-
-def _execution_id(raw: bytes | None) -> str | None:
-    """The executionId of an invalid event, when it has a readable one (for the log)."""
-    try:
-        data = orjson.loads(raw) if raw is not None else None
-    except orjson.JSONDecodeError:
-        return None
-    value = data.get("executionId") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -6,7 +6,8 @@ then `ZADD ... GT` to each index. On a standalone server the script runs once pe
 `CALL_SIZE` executions, with the index entries of those executions, each call
 sent as soon as it is built so that Redis runs one while Python builds the next
 (and decodes the batch read ahead); the last calls of a backlog's batch run while
-the runner builds the next batch (see `RedisTaskStatusProjector`). On Redis
+the runner builds the next batch (see `RedisTaskStatusProjector`; how calls overlap:
+sidecar.in_flight). On Redis
 Cluster a batch is one pipeline of one call per hash slot, so every script stays
 on a single slot; there an index may name an execution a moment before its hash
 is written (another slot).
@@ -28,28 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import (
-    NoPermissionError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-)
+from redis.exceptions import NoScriptError
 
+from sidecar.consumer import Flushed
 from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent, stream_order
+from sidecar.in_flight import CallsInFlight, Outcome
 from sidecar.keys import execution_key, project_index_key
 from sidecar.metrics import Metrics, observe_many
-
-log = logging.getLogger(__name__)
 
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
@@ -147,35 +142,6 @@ def _script_item(run: list[ValidEvent]) -> list[object]:
     return item
 
 
-# Errors that say the server takes no writes now (a read-only replica after a failover,
-# out of memory, ACL, a failing disk…), not that something in the call is wrong: retried
-# like a lost connection, never blamed on an event.
-SERVER_STATE_ERRORS = (ReadOnlyError, OutOfMemoryError, NoPermissionError)
-SERVER_STATE_CODES = ("MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN")
-
-
-def _refused(error: BaseException) -> bool:
-    """Did Redis refuse the call for something in it (a key of another type, say)?"""
-    return (
-        isinstance(error, ResponseError)
-        and not isinstance(error, SERVER_STATE_ERRORS)
-        and not str(error).startswith(SERVER_STATE_CODES)
-    )
-
-
-def _lost(sent: _Sent) -> bool:
-    """Did a finished call fail other than by Redis refusing it (a lost connection, say)?"""
-    if not sent.task.done():
-        return False
-    error = sent.task.exception()
-    return error is not None and not _refused(error)
-
-
-def _mark_retrieved(task: asyncio.Task[int]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 @dataclass
 class _ScriptCall:
     """The keys and arguments of one EVALSHA."""
@@ -256,21 +222,14 @@ def calls_by_slot(
     return list(calls.values())
 
 
-@dataclass
-class _Sent:
-    """A script call sent (standalone server) and not yet settled."""
-
-    call: _ScriptCall
-    task: asyncio.Task[int]
-
-
 class RedisTaskStatusProjector:
     """Applies batches of events to the projection; a `BatchHandler` for the runner.
 
     On a standalone server a flush of a batch that takes several calls returns once they
-    are all sent, not finished: the last ones run on Redis while the runner acknowledges,
-    reads and builds the next batch, and a later flush hands back their entries. Calls
-    holding the same execution still run one after another, in stream order.
+    are all submitted, not finished: the last ones run on Redis while the runner
+    acknowledges, reads and builds the next batch, and a later flush hands back their
+    entries. Calls holding the same execution still run one after another, in stream
+    order (sidecar.in_flight).
     """
 
     # The runner may read and decode the next batch while a flush waits on Redis.
@@ -288,13 +247,13 @@ class RedisTaskStatusProjector:
         self.metrics = metrics
         self.group = group
         self.finished_ttl_seconds = finished_ttl_seconds
+        self._cluster = isinstance(redis, RedisCluster)
         self._sha = hashlib.sha1(COMPARE_AND_SET.encode()).hexdigest()
         self._buffer: list[ValidEvent] = []
+        # handed back at the next flush: entries durable, events Redis refused
+        self._settled: list[str] = []
         self._rejected: list[InvalidEntry] = []
-        self._out: list[_Sent] = []  # standalone: calls sent and not yet settled, in order
-        self._holding: dict[str, _Sent] = {}  # execution -> the unsettled call that holds it
-        self._settled: list[str] = []  # durable, handed back at the next flush
-        self._loss: BaseException | None = None  # a call's failure, for the flush to raise
+        self.in_flight = CallsInFlight(self._apply_one, limit=MAX_IN_FLIGHT)
 
     async def prepare(self) -> None:
         pass
@@ -303,116 +262,88 @@ class RedisTaskStatusProjector:
         self._buffer.extend(events)
 
     def seconds_until_due(self) -> float | None:
-        return 0.0 if self._buffer or self._out else None
+        return 0.0 if self._buffer or self.in_flight else None
 
-    def take_rejected(self) -> list[InvalidEntry]:
-        rejected, self._rejected = self._rejected, []
-        return rejected
-
-    async def flush(self, *, force: bool) -> list[str]:
-        if isinstance(self.redis, RedisCluster):
-            return await self._flush_pipelined()
+    async def flush(self, *, force: bool) -> Flushed:
         # Calls of earlier flushes that finished: a lost one's events join this batch,
         # sent again now (after a Redis outage, with no failure raised a second time).
-        await self._settle_finished()
-        self._loss = None
+        self._take(self.in_flight.settle())
         events, self._buffer = self._buffer, []
-        calls = await self._send(events) if events else 0
-        if (force or calls <= 1) and self._out:  # finish: no backlog to overlap with
-            await asyncio.wait([sent.task for sent in self._out])
-        await self._settle_finished()
-        if self._loss is not None:
+        if await self._send(events) <= 1 or force:  # finish: no backlog to overlap with
+            await self.in_flight.wait()
+        loss = self._take(self.in_flight.settle())
+        if loss is not None:
             # every call out finishes first: none is left running behind the retry
-            if self._out:
-                await asyncio.wait([sent.task for sent in self._out])
-                await self._settle_finished()
-            loss, self._loss = self._loss, None
+            await self.in_flight.wait()
+            self._take(self.in_flight.settle())
             raise loss  # the runner retries; what was settled is handed back then
-        settled, self._settled = self._settled, []
-        return settled
+        flushed = Flushed(self._settled, self._rejected)
+        self._settled, self._rejected = [], []
+        return flushed
+
+    async def apply(self, events: Sequence[ValidEvent]) -> int:
+        """Apply events, waiting for them; returns how many took effect (as many as
+        applying them in turn). Raises the first failure, a lost connection before a
+        refusal. For a projector that is not flushing (replay, tests): it settles
+        every call out."""
+        await self._send(list(events))
+        await self.in_flight.wait()
+        outcomes = self.in_flight.settle()
+        for outcome in sorted(outcomes, key=lambda outcome: not outcome.unsent):
+            if outcome.error is not None:
+                raise outcome.error
+        return sum(outcome.applied for outcome in outcomes)
 
     async def _send(self, events: list[ValidEvent]) -> int:
-        """Send a batch's calls, at most `MAX_IN_FLIGHT` out at once (each holds a pooled
-        connection); returns how many. A call whose execution an earlier call still
-        holds waits for that call to be settled. After a lost call, or if this is
-        cancelled, the events of the calls not sent go back to the buffer."""
-        calls = calls_in_chunks(coalesce(events), events)
+        """Submit the calls that apply `events`, each let out before the next is built
+        (so Redis runs one while Python builds the next); returns how many. If this is
+        cancelled, the events of the calls not submitted go back to the buffer."""
+        if not events:
+            return 0
+        runs = coalesce(events)
+        if self._cluster:  # one pipeline of one call per hash slot
+            await self.in_flight.room()
+            calls = calls_by_slot(runs, events)
+            self.in_flight.submit(events, list(runs), partial(self._execute, calls))
+            return 1
+        chunks = calls_in_chunks(runs, events)
         count = 0
         call: _ScriptCall | None = None
         try:
-            for call in calls:
-                holders = [
-                    sent
-                    for execution_id in call.execution_ids
-                    if (sent := self._holding.get(execution_id)) is not None
-                ]
-                if holders:
-                    await asyncio.wait({sent.task for sent in holders})
-                    await self._settle_finished()
-                out = [sent.task for sent in self._out if not sent.task.done()]
-                if len(out) >= MAX_IN_FLIGHT:
-                    await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
-                if self._loss is not None or any(_lost(sent) for sent in self._out):
-                    break
-                sent = _Sent(call, asyncio.ensure_future(self._run(call)))
-                # Its failure is read when it is settled; if the runner gives up first
-                # (stopping during an outage), its entries stay pending, nothing to report.
-                sent.task.add_done_callback(_mark_retrieved)
-                self._out.append(sent)
-                for execution_id in call.execution_ids:
-                    self._holding[execution_id] = sent
-                count += 1
+            for call in chunks:
+                await self.in_flight.room()
+                self.in_flight.submit(
+                    call.events, call.execution_ids, partial(self._execute, [call])
+                )
                 call = None
+                count += 1
                 await asyncio.sleep(0)  # let it go out now
+            await self.in_flight.room()  # return once every call is out
         finally:
             unsent = [] if call is None else call.events
-            self._put_back(unsent + [event for rest in calls for event in rest.events])
+            self._put_back(unsent + [event for rest in chunks for event in rest.events])
         return count
+
+    def _take(self, outcomes: list[Outcome]) -> BaseException | None:
+        """Count settled calls and queue their entries for acknowledgement, their refused
+        events for dead-lettering; what was not sent goes back to the buffer. Returns
+        the first failure that left events unsent."""
+        loss: BaseException | None = None
+        unsent: list[ValidEvent] = []
+        for outcome in outcomes:
+            if outcome.done:
+                self._record(outcome.done, outcome.applied)
+            self._rejected += outcome.rejected
+            if outcome.unsent:
+                loss = loss or outcome.error
+                unsent += outcome.unsent
+        self._put_back(unsent)
+        return loss
 
     def _put_back(self, events: list[ValidEvent]) -> None:
         """Return events to the buffer (to be sent again), keeping it in stream order."""
         if events:
             self._buffer = sorted(self._buffer + events, key=lambda e: stream_order(e.entry_id))
-
-    async def _settle_finished(self) -> None:
-        """Settle the finished calls in the order they were sent: count them and queue
-        their entries for acknowledgement. A call Redis refused is applied again one
-        event at a time (handing back the events Redis refuses, so one event cannot
-        block the group); a lost call's events go back to the buffer and its failure is
-        kept for the flush to raise. If this raises, the calls not yet settled stay
-        out, settled next time."""
-        for sent in [sent for sent in self._out if sent.task.done()]:
-            error = sent.task.exception()
-            if error is None:
-                self._record(sent.call.events, sent.task.result())
-            elif _refused(error):
-                log.warning("batch refused by Redis (%s); applying its events one by one", error)
-                applied, accepted = await self._apply_one_by_one(sent.call.events)
-                self._record(accepted, applied)
-            else:
-                self._loss = self._loss or error
-                self._put_back(sent.call.events)
-            self._out.remove(sent)
-            for execution_id in sent.call.execution_ids:
-                if self._holding.get(execution_id) is sent:
-                    del self._holding[execution_id]
-
-    async def _flush_pipelined(self) -> list[str]:
-        """Redis Cluster: the whole buffer as one pipeline, finished before returning."""
-        events = self._buffer
-        if not events:
-            return []
-        try:
-            applied = await self.apply(events)
-        except ResponseError as exc:
-            if not _refused(exc):
-                raise
-            log.warning("batch refused by Redis (%s); applying its events one by one", exc)
-            applied, events = await self._apply_one_by_one(events)
-        self._buffer = []
-        self._record(events, applied)
-        settled, self._settled = self._settled, []
-        return settled
 
     def _record(self, events: list[ValidEvent], applied: int) -> None:
         """Count settled events and queue their entries for acknowledgement."""
@@ -429,65 +360,31 @@ class RedisTaskStatusProjector:
         self.metrics.stale.labels(self.group).inc(len(events) - applied)
         self._settled += [event.entry_id for event in events]
 
-    async def _apply_one_by_one(self, events: list[ValidEvent]) -> tuple[int, list[ValidEvent]]:
-        applied, accepted = 0, []
-        for event in events:
-            try:
-                applied += await self.apply([event])
-            except ResponseError as exc:
-                if not _refused(exc):
-                    raise
-                reason = f"Redis refused the projection: {exc}"
-                self._rejected.append(InvalidEntry(event.entry_id, event.raw, reason))
-            else:
-                accepted.append(event)
-        return applied, accepted
+    async def _apply_one(self, event: ValidEvent) -> int:
+        """One event's calls, waited for (a refused call's fallback, inside its task)."""
+        runs = coalesce([event])
+        if self._cluster:
+            return await self._execute(calls_by_slot(runs, [event]))
+        return await self._execute(list(calls_in_chunks(runs, [event])))
 
-    async def apply(self, events: Sequence[ValidEvent]) -> int:
-        """Apply events; returns how many took effect (as many as applying them in turn)."""
-        runs = coalesce(events)
-        if isinstance(self.redis, RedisCluster):
-            return await self._apply_pipelined(calls_by_slot(runs, events))
-        sent: list[asyncio.Task[int]] = []
+    async def _execute(self, calls: list[_ScriptCall]) -> int:
+        """Run script calls: one EVALSHA on a standalone server, one pipeline on a
+        cluster. A restarted or failed-over server lost its script cache: load it."""
         try:
-            for call in calls_in_chunks(runs, events):
-                out = [task for task in sent if not task.done()]
-                if len(out) >= MAX_IN_FLIGHT:  # each call out holds a pooled connection
-                    await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
-                sent.append(asyncio.ensure_future(self._run(call)))
-                await asyncio.sleep(0)  # let it go out now
-        finally:
-            if sent:  # every call finishes, even when this is cancelled: none cut mid-command
-                await asyncio.wait(sent)
-        failures = [error for task in sent if (error := task.exception()) is not None]
-        for failure in failures:
-            if not isinstance(failure, ResponseError):
-                raise failure  # a lost connection, say
-        if failures:
-            raise failures[0]  # Redis refused a call (a key of another type, say)
-        return sum(task.result() for task in sent)
-
-    async def _run(self, call: _ScriptCall) -> int:
-        args = call.args(self._sha, self.finished_ttl_seconds)
-        try:
-            return int(await self.redis.execute_command(*args))
-        except NoScriptError:
-            # A restarted or failed-over server lost its script cache.
-            await self.redis.script_load(COMPARE_AND_SET)
-            return int(await self.redis.execute_command(*args))
-
-    async def _apply_pipelined(self, calls: list[_ScriptCall]) -> int:
-        try:
-            return await self._pipeline(calls)
+            return await self._evalsha(calls)
         except NoScriptError:
             await self.redis.script_load(COMPARE_AND_SET)
-            return await self._pipeline(calls)
+            return await self._evalsha(calls)
 
-    async def _pipeline(self, calls: list[_ScriptCall]) -> int:
+    async def _evalsha(self, calls: list[_ScriptCall]) -> int:
+        ttl = self.finished_ttl_seconds
+        if not self._cluster:
+            (call,) = calls  # a chunk's call
+            return int(await self.redis.execute_command(*call.args(self._sha, ttl)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for call in calls:
                 # execute_command: redis-py's cluster pipeline refuses `pipe.evalsha`
                 # (it routes EVALSHA by its keys all the same)
-                pipe.execute_command(*call.args(self._sha, self.finished_ttl_seconds))
+                pipe.execute_command(*call.args(self._sha, ttl))
             results: list[int] = await pipe.execute()
         return sum(results)

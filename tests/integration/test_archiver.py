@@ -268,6 +268,6 @@ async def test_due_buffers_upload_side_by_side_and_one_failing_lets_the_others_f
         written = archive_objects_s3(s3.client(), "archive")
         assert len(written) == 1 + 7  # the foreign object; the 7 others finished
         s3.client().delete_object(Bucket="archive", Key=blocked)
-        done = await archiver.flush(force=True)  # the retry writes org5, hands back all
-    assert sorted(done) == sorted(entry.entry_id for entry in valid)
+        flushed = await archiver.flush(force=True)  # the retry writes org5, hands back all
+    assert sorted(flushed.durable_ids) == sorted(entry.entry_id for entry in valid)
     check_exactly_once(archive_objects_s3(s3.client(), "archive"), raw(events))

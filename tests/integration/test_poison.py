@@ -99,12 +99,13 @@ async def test_a_refused_call_left_out_is_settled_before_a_later_batch_touches_i
     metrics = Metrics()
     projector = RedisTaskStatusProjector(client, metrics, group=PROJECTOR)
     projector.add(batch1)
-    handed_back = await projector.flush(force=False)
+    flushes = [await projector.flush(force=False)]
     projector.add(batch2)
-    handed_back += await projector.flush(force=False)
-    handed_back += await projector.flush(force=False)
+    flushes += [await projector.flush(force=False), await projector.flush(force=False)]
     await client.aclose()
-    assert [entry.entry_id for entry in projector.take_rejected()] == [batch1[0].entry_id]
+    handed_back = [entry_id for flushed in flushes for entry_id in flushed.durable_ids]
+    rejected = [entry.entry_id for flushed in flushes for entry in flushed.rejected]
+    assert rejected == [batch1[0].entry_id]
     assert sorted(handed_back) == sorted(e.entry_id for e in batch1[1:] + batch2)
     group = {"group": PROJECTOR}
     assert metrics.registry.get_sample_value("task_tracking_events_applied_total", group) == (
@@ -128,10 +129,10 @@ async def test_a_read_only_server_blames_no_event_and_the_batch_is_retried(
         projector.add(events)
         with pytest.raises(ReadOnlyError):
             await projector.flush(force=True)
-        assert projector.take_rejected() == []
         await admin.replicaof("NO", "ONE")
-        handed_back = await projector.flush(force=True)
-        assert sorted(handed_back) == sorted(e.entry_id for e in events)
+        flushed = await projector.flush(force=True)
+        assert flushed.rejected == []
+        assert sorted(flushed.durable_ids) == sorted(e.entry_id for e in events)
         state = await projection(admin, [f"r{n}" for n in range(len(events))])
         assert {fields["status"] for fields in state.values()} == {"success"}
     finally:
@@ -156,7 +157,7 @@ async def test_calls_lost_with_the_server_keep_their_events_and_the_flush_raises
             await projector.flush(force=True)
         assert projector.seconds_until_due() == 0.0  # the events wait in the buffer
         persistent_server.start()
-        handed_back = await projector.flush(force=True)
+        handed_back = (await projector.flush(force=True)).durable_ids
         assert sorted(handed_back) == sorted(e.entry_id for e in events)
         state = await projection(client, [f"l{n}" for n in range(len(events))])
         assert {fields["status"] for fields in state.values()} == {"success"}
@@ -183,10 +184,12 @@ async def test_calls_left_out_when_the_projector_is_dropped_report_no_stray_erro
         busy = asyncio.ensure_future(admin.eval(BUSY_SCRIPT, 0))
         await asyncio.sleep(0.1)
         projector.add(_decoded([event(f"d{n}", "success") for n in range(CALL_SIZE * 2)]))
-        assert await projector.flush(force=False) == []  # both calls still out
+        assert (await projector.flush(force=False)).durable_ids == []  # both calls still out
         persistent_server.kill()
         await asyncio.gather(busy, return_exceptions=True)
-        await asyncio.sleep(0.2)  # the calls fail with the connection
+        await projector.in_flight.wait()  # the calls fail with the connection
+        assert isinstance(projector.in_flight.lost, RedisConnectionError)
+        assert len(projector.in_flight) == 2  # nobody settles them
         del projector
         gc.collect()
         await asyncio.sleep(0)

@@ -7,11 +7,11 @@ import random
 import orjson
 import redis.asyncio as aioredis
 
+from sidecar.batches import DECODE_SLICE
 from sidecar.connections import connect
-from sidecar.consumer import DECODE_SLICE
 from sidecar.events import EVENT_FIELD, ValidEvent, decode_entry
 from sidecar.metrics import Metrics
-from sidecar.projector import CALL_SIZE, RedisTaskStatusProjector
+from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT, RedisTaskStatusProjector
 from tests.helpers import (
     ADDED_MS,
     PROJECTOR,
@@ -215,10 +215,11 @@ async def test_a_backlog_batch_leaves_its_last_calls_out_and_a_later_flush_hands
     handed_back: list[str] = []
     for start in range(0, len(events), 300):
         projector.add(events[start : start + 300])
-        ids = await projector.flush(force=False)
+        ids = (await projector.flush(force=False)).durable_ids
         assert len(ids) < start + 300 - len(handed_back)  # its last call is still out
+        assert len(projector.in_flight) <= MAX_IN_FLIGHT  # and no more calls than may be out
         handed_back += ids
-    handed_back += await projector.flush(force=False)  # nothing new: the rest
+    handed_back += (await projector.flush(force=False)).durable_ids  # nothing new: the rest
     assert projector.seconds_until_due() is None
     assert sorted(handed_back) == sorted(event.entry_id for event in events)
     applied = metrics.registry.get_sample_value(
