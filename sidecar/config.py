@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     # Bind address of that port: 0.0.0.0 every IPv4 interface, :: every IPv6 one (only).
     http_host: str = Field("0.0.0.0", pattern=r"^[A-Za-z0-9.:%_-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The read API (sidecar.read) on its own port, bound like the HTTP one: off in `run`,
+    # on in `dev`; `task-tracking api` serves it alone. With a token, every request needs
+    # `Authorization: Bearer <token>`.
+    api_enabled: bool = False
+    api_port: int = Field(9471, ge=0, le=65535)
+    api_token: str | None = None
 
     # The TaskTracking resource to watch; empty leaves the operator off.
     resource_name: str = ""
@@ -102,7 +108,9 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("s3_bucket", "s3_region", "s3_endpoint_url", "archive_folder", mode="before")
+    @field_validator(
+        "s3_bucket", "s3_region", "s3_endpoint_url", "archive_folder", "api_token", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -33,6 +33,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
 CALL_SIZE = 64
+# A changes-feed entry holds the written hash's fields when they are at most this many
+# values (field names and values), else only the hash's key (`reload`).
+CHANGE_FIELDS = 400
 MAX_IN_FLIGHT = 4
 
 # KEYS[1..n]      execution hashes, one per item of ARGV[2]
@@ -68,15 +72,14 @@ MAX_IN_FLIGHT = 4
 # KEYS[n+m+1]     the changes stream, when ARGV[4] > 0
 # ARGV[1]     seconds to keep a finished execution (0: forever)
 # ARGV[2]     JSON array of n items, one per execution:
-#             [occurredAtMs, statusRank, eventId, earlier, executionId, project, state,
-#              field, value, …]
+#             [occurredAtMs, statusRank, eventId, earlier, field, value, …]
 #             the event to store (field/value pairs: the whole new hash, every value a
 #             string); earlier: [occurredAtMs, statusRank, eventId, …], the ordering keys of
-#             the batch's events of that execution that it superseded, ascending; state:
-#             the execution as the changes feed carries it (JSON, typed)
+#             the batch's events of that execution that it superseded, ascending
 # ARGV[3]     JSON array, one item per sorted set: [score, member, score, member, …]
-# ARGV[4]     the changes feed: > 0 XADD each written execution to KEYS[n+m+1] (MAXLEN ~
-#             this); 0 return their item numbers instead (Redis Cluster: the stream lives
+# ARGV[4]     the changes feed: > 0 XADD each written hash's fields to KEYS[n+m+1] (MAXLEN
+#             ~ this; a hash of more than CHANGE_FIELDS values as `reload` <its key>
+#             instead); 0 return the item numbers written (Redis Cluster: the stream lives
 #             on another slot, the projector adds them right after)
 # Returns how many events took effect (an earlier event counts if it beats the stored
 # one); with ARGV[4] = 0, {that count, item numbers written…}.
@@ -118,14 +121,17 @@ for i, item in ipairs(items) do
   if wins > 0 then
     redis.call('DEL', key)  -- the whole hash is replaced
     -- in slices: unpack() of thousands of fields would overflow Lua's stack
-    for first = 8, #item, 200 do
+    for first = 5, #item, 200 do
       redis.call('HSET', key, unpack(item, first, math.min(first + 199, #item)))
     end
     if ttl > 0 and rank == 1 then redis.call('EXPIRE', key, ttl) end
     applied = applied + wins
     if feed > 0 then
-      redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*',
-        'project', item[6], 'executionId', item[5], 'state', item[7])
+      if #item <= 404 then  -- unpack() stays far from Lua's stack limit
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', unpack(item, 5, #item))
+      else
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', 'reload', key)
+      end
     else
       written[#written + 1] = i
     end
@@ -163,19 +169,7 @@ def _script_item(run: list[ValidEvent]) -> list[object]:
     earlier: list[object] = []
     for superseded in run[:-1]:
         earlier += superseded.ordering_key
-    state = dict(event.fields)
-    state.pop(JSON_FIELDS_FIELD, None)
-    state["occurredAtMs"] = event.occurred_at_ms
-    state["streamId"] = event.entry_id
-    item: list[object] = [
-        event.occurred_at_ms,
-        STATUS_RANK[event.status],
-        event.event_id,
-        earlier,
-        event.execution_id,
-        event.project,
-        orjson.dumps(state).decode(),
-    ]
+    item: list[object] = [event.occurred_at_ms, STATUS_RANK[event.status], event.event_id, earlier]
     encoded: list[str] = []
     for name, value in event.fields.items():
         item.append(name)
@@ -556,23 +550,23 @@ class RedisTaskStatusProjector:
                 pipe.execute_command(*call.args(self._sha, self.finished_ttl_seconds))
             results: list[list[int]] = await pipe.execute()
         changes = [
-            [str(value) for value in call.items[int(number) - 1][4:7]]
+            (call.keys[int(number) - 1], call.items[int(number) - 1][4:])
             for call, result in zip(calls, results, strict=True)
             for number in result[1:]
         ]
         await self._add_changes(changes)
         return sum(int(result[0]) for result in results)
 
-    async def _add_changes(self, changes: list[list[str]]) -> None:
+    async def _add_changes(self, changes: list[tuple[str, list[object]]]) -> None:
         """Redis Cluster: the changes feed's entries, pipelined right after the script
         calls (the stream is on one slot, the executions on all of them). Lost if the
         connection drops in between: the retried batch finds nothing left to change."""
         if not changes:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for execution_id, project, state in changes:
+            for key, fields in changes:
+                entry: list[Any] = fields if len(fields) <= CHANGE_FIELDS else ["reload", key]
                 pipe.execute_command(
-                    "XADD", CHANGES_KEY, "MAXLEN", "~", CHANGES_MAXLEN, "*",
-                    "project", project, "executionId", execution_id, "state", state,
+                    "XADD", CHANGES_KEY, "MAXLEN", "~", CHANGES_MAXLEN, "*", *entry
                 )  # fmt: skip
             await pipe.execute()
