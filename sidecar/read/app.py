@@ -34,6 +34,8 @@ from sidecar.read.projection import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 15.0
+# The kubelet's probes carry no token; they tell nothing about the task data.
+PROBES = ("/healthz", "/readyz")
 # A client that cannot take a write (its socket buffer full) for this long is dropped.
 WRITE_TIMEOUT_SECONDS = 5.0
 PROJECT = r"[A-Za-z0-9][A-Za-z0-9-]{0,38}"
@@ -62,7 +64,7 @@ async def require_token(
     token = request.app[TOKEN_KEY]
     if request.method not in ("GET", "HEAD"):
         return error(405, "only GET and HEAD")
-    if token:
+    if token and request.path not in PROBES:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if request.path == "/" and not given:
             given = request.query.get("token", "")
@@ -92,6 +94,7 @@ def build_app(
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/", board)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/executions/{execution_id}", execution)
     app.router.add_get("/api/v1/projects", projects)
     project_path = f"/api/v1/projects/{{owner:{PROJECT}}}/{{repo:{REPO}}}/executions"
@@ -106,10 +109,18 @@ async def board(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers (a Redis outage is /readyz's business)."""
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers, and the changes reader has its position."""
     try:
         await request.app[REDIS_KEY].ping()
     except Exception as exc:
         return error(503, f"Redis: {exc}")
+    if not request.app[FEED_KEY].started.is_set():
+        return error(503, "the changes reader has not started yet")
     return web.json_response({"ok": True})
 
 
