@@ -7,10 +7,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from sidecar.read.app import start_api
 from tests.helpers import PROJECTOR, STREAM, event, group_done, publish, running_sidecar, wait_for
+from tests.read_client import open_changes
+from tests.servers import ACL_PASSWORD, ACL_USER, acl_refusals, create_acl_user
 
 T0 = 1_700_000_000_000
 
@@ -175,3 +178,29 @@ async def test_a_token_is_required_when_set(redis_url: str) -> None:
                 assert reply.status == 401  # ?token= is for the page only
     finally:
         await runner.cleanup()
+
+
+async def test_the_least_privilege_user_can_serve_every_endpoint(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    create_acl_user(admin)
+    url = redis_url.replace("redis://", f"redis://{ACL_USER}:{ACL_PASSWORD}@", 1)
+    try:
+        async with running_sidecar(url, api_enabled=True, api_port=0) as sidecar:
+            base = f"http://127.0.0.1:{sidecar.api_port}"
+            await projected(redis_client, [event(f"acl{n}", "success", T0 + n) for n in range(3)])
+            assert (await get(base, "/api/v1/executions/acl1"))[0] == 200
+            assert (await get(base, "/api/v1/projects"))[0] == 200
+            path = "/api/v1/projects/my-org/my-repo/executions"
+            _, page = await get(base, path, params={"limit": "1"})
+            status, _ = await get(base, path, params={"limit": "1", "before": page["next"]})
+            assert status == 200
+            async with aiohttp.ClientSession() as session:
+                stream = await open_changes(session, base, last_id="0-0")
+                assert len(await stream.take(3)) == 3
+                stream.close()
+        assert acl_refusals(admin) == []
+    finally:
+        admin.execute_command("ACL", "DELUSER", ACL_USER)
+        admin.close()
