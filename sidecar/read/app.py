@@ -184,9 +184,7 @@ async def changes(request: web.Request) -> web.StreamResponse:
     with feed.subscribe(project) as subscriber:
         try:
             await response.write(b": connected\n\n")  # subscribed: nothing after is missed
-            if after is None:
-                after = await feed.position()
-            else:
+            if after is not None:
                 await feed.check_resumable(after)
             await _stream(request, response, feed, subscriber, after)
         except TooOld as exc:
@@ -209,13 +207,17 @@ async def _stream(
     response: web.StreamResponse,
     feed: ChangesFeed,
     subscriber: Subscriber,
-    after: str,
+    after: str | None,
 ) -> None:
-    last = _key(after)
-    async for change in feed.since(after):
-        if subscriber.project is None or change.project == subscriber.project:
-            await _write(response, _event(change))
-        last = _key(change.id)
+    """Without `after`, the queue alone: it holds every change since the subscription
+    (reading the stream's position here instead would drop what queued up meanwhile)."""
+    last = (0, 0)
+    if after is not None:
+        last = _key(after)
+        async for change in feed.since(after):
+            if subscriber.project is None or change.project == subscriber.project:
+                await _write(response, _event(change))
+            last = _key(change.id)
     heartbeat = request.app[HEARTBEAT_KEY]
     while True:
         if subscriber.overflowed:  # a slow client, or the feed itself was reset

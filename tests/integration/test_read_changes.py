@@ -232,3 +232,28 @@ async def test_an_idle_stream_gets_heartbeat_comments(
         stream.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_change_right_after_subscribing_is_delivered_however_slow_the_server_is(
+    api: tuple[str, Any],
+    redis_client: aioredis.Redis,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A handler that looked up the feed's position after subscribing would skip what
+    # arrived in between: make that lookup slow, so such a change surely falls in it.
+    original = read_changes.ChangesFeed.position
+
+    async def slow_position(self: Any) -> str:
+        await asyncio.sleep(0.5)
+        return await original(self)
+
+    monkeypatch.setattr(read_changes.ChangesFeed, "position", slow_position)
+    base, _ = api
+    stream = await open_changes(session, base)  # returns once ": connected" arrived
+    await redis_client.xadd(
+        CHANGES_KEY, {"executionId": "now", "status": "success", "project": "o/r"}
+    )
+    [change] = await asyncio.wait_for(stream.take(1), 10)  # (heartbeats reset take's own)
+    assert change.data["executionId"] == "now"
+    stream.close()
