@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from bench import cases, footprint, scaleout
+from bench import cases, footprint, read, scaleout
 from bench.servers import MotoServer
 from sidecar import eventloop
 from sidecar.devserver import DevServer
@@ -49,6 +49,13 @@ def main() -> int:
                 footprint.footprint, server, moto, 20_000 if small else 200_000, quick=small
             )
             rows += _step(scaleout.scale_out, server, 20_000 if small else 200_000)
+            # the read paths (bench/read.py)
+            rows += _step(read.memory_per_execution, server, 2_000 if small else 10_000)
+            rows += _step(read.snapshot_latency, server, 10_000, 50 if small else 500)
+            rows += _step(
+                read.sse_fanout, server, 100 if small else 1000, 1000, 2.0 if small else 10.0
+            )
+            rows += _step(read.feed_cost, 10_000 if small else 100_000, 1 if small else 3)
         finally:
             moto.stop()
     print(table(rows))

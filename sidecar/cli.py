@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -128,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--json", action="store_true", help="print the rows as JSON")
     listing.set_defaults(command=cmd_list)
+
+    watch = commands.add_parser(
+        "watch", help="follow the projection's changes, a line each (like kubectl get -w)"
+    )
+    watch.add_argument("project", nargs="?", help="only this owner/repo")
+    watch.add_argument("--api", help="through the read API at this URL (else straight from Redis)")
+    watch.add_argument("--token", help="the API's token (default: TASK_TRACKING_API_TOKEN)")
+    watch.add_argument("--count", type=int, help="stop after this many changes")
+    watch.set_defaults(command=cmd_watch)
+
+    api = commands.add_parser(
+        "api", help="serve the read API and the board alone (no workers; any number of replicas)"
+    )
+    api.set_defaults(command=cmd_api)
 
     replay = commands.add_parser(
         "replay", help="rebuild the projection from the archive (idempotent, safe on a live one)"
@@ -323,43 +336,40 @@ async def projection_reader() -> AsyncIterator[Any]:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from sidecar.keys import execution_key
+    from sidecar.read.terminal import show_status
 
-    async with projection_reader() as redis:
-        state: Any = await redis.hgetall(execution_key(args.execution_id))
-    if not state:
-        print(f"no execution {args.execution_id!r} in the projection", file=sys.stderr)
-        return 1
-    if args.json:
-        print(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
-    else:
-        width = max(len(name) for name in state)
-        for name, value in state.items():
-            print(f"{name:<{width}}  {value}")
-    return 0
+    return await show_status(client_settings().redis_url, args.execution_id, as_json=args.json)
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    from sidecar.keys import execution_key, project_index_key
+    from sidecar.read.terminal import show_list
 
-    fields = ("taskName", "status", "occurredAt", "eventId")
-    async with projection_reader() as redis:
-        ids: Any = await redis.zrevrange(project_index_key(args.project), 0, args.limit - 1)
-        rows = []
-        for execution_id in ids:
-            values = await redis.hmget(execution_key(execution_id), fields)
-            rows.append({"executionId": execution_id, **dict(zip(fields, values, strict=True))})
-    if args.json:
-        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    if not rows:
-        print(f"no executions for {args.project}")
-        return 0
-    header = ["executionId", "taskName", "status", "occurredAt"]
-    table = [header] + [[str(row.get(column) or "-") for column in header] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    return await show_list(
+        client_settings().redis_url, args.project, limit=args.limit, as_json=args.json
+    )
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    from sidecar.read.terminal import watch
+
+    token = args.token or os.environ.get("TASK_TRACKING_API_TOKEN") or None
+    redis_url = None if args.api else client_settings().redis_url
+    return await watch(
+        redis_url=redis_url, api_url=args.api, token=token, project=args.project, count=args.count
+    )
+
+
+async def cmd_api(args: argparse.Namespace) -> int:
+    from sidecar.read.terminal import serve_api
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        eventloop.add_signal_handler(signum, stop.set)
+    await serve_api(
+        settings.redis_url, settings.http_host, settings.api_port, settings.api_token, stop
+    )
     return 0
 
 

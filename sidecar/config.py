@@ -186,6 +186,12 @@ class Settings(BaseSettings):
     # Bind address of that port: 0.0.0.0 every IPv4 interface, :: every IPv6 one (only).
     http_host: str = Field("0.0.0.0", pattern=r"^[A-Za-z0-9.:%_-]+$")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The read API (sidecar.read) on its own port, bound like the HTTP one: off in `run`,
+    # on in `dev`; `task-tracking api` serves it alone. With a token, every request needs
+    # `Authorization: Bearer <token>`.
+    api_enabled: bool = False
+    api_port: int = Field(9471, ge=0, le=65535)
+    api_token: str | None = None
 
     # The TaskTracking resource to watch; empty leaves the operator off.
     resource_name: str = ""
@@ -203,6 +209,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @property
     def event_limits(self) -> EventLimits:

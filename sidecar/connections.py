@@ -76,8 +76,10 @@ def connect(url: str, **options: Any) -> Redis | RedisCluster:
 # The ACL rules (after `ACL SETUSER <user> on ><password>`) that are enough for everything
 # the sidecar and its client commands do, and no more: stream keys `task-events:*`, the
 # projection `task-tracking:*`. Commands a Lua script calls are checked too (HMGET, DEL,
-# HSET, EXPIRE, ZADD by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
-# consumer removal; HMGET, HSET, HDEL, HGETALL by the archive watermark). MULTI/EXEC wrap
+# HSET, EXPIRE, ZADD, XADD by the compare-and-set; XINFO CONSUMERS, XGROUP DELCONSUMER by the idle
+# consumer removal; HMGET, HSET, HDEL, HGETALL by the archive watermark). The read API
+# and the read commands need ZCARD, ZSCORE, ZREVRANK, ZREVRANGEBYSCORE, XREAD, XRANGE,
+# XREVRANGE, XINFO STREAM and HGETALL. MULTI/EXEC wrap
 # dead-lettering on a standalone server; COMMAND and CLUSTER SLOTS/SHARDS are what the
 # cluster client needs to find nodes and key slots.
 LEAST_PRIVILEGE_ACL = (
@@ -88,6 +90,7 @@ LEAST_PRIVILEGE_ACL = (
     " +xgroup|create +xgroup|delconsumer +xgroup|setid"
     " +evalsha +eval +script|load +hmget +hset +hdel +del +expire +hgetall"
     " +zadd +zrevrange +zremrangebyscore +zremrangebyrank +scan"
+    " +zcard +zscore +zrevrank +zrevrangebyscore"
     " +command +cluster|slots +cluster|shards"
 )
 

@@ -52,19 +52,24 @@ async def run_dev(
             archive_sink="folder",
             archive_folder=folder,
             archive_flush_max_age_seconds=5,
-            http_port=dev_http_port(),
+            http_port=dev_port("TASK_TRACKING_HTTP_PORT", 9470),
+            api_enabled=os.environ.get("TASK_TRACKING_API_ENABLED", "true"),
+            api_port=dev_port("TASK_TRACKING_API_PORT", 9471),
         )
 
         def explain() -> None:
             state.publish(
                 {"pid": os.getpid(), "redisUrl": url, "ownServer": own_server,
-                 "archiveFolder": str(folder), "httpPort": settings.http_port}
+                 "archiveFolder": str(folder), "httpPort": settings.http_port,
+                 "apiPort": settings.api_port if settings.api_enabled else None}
             )  # fmt: skip
             stack.callback(state.clear)
             print(
                 DEV_HELP.format(
                     url=url, folder=shown_path(folder), port=settings.http_port,
                     state=shown_path(state.folder), cli=cli_invocation(),
+                    board=f"http://127.0.0.1:{settings.api_port}/" if settings.api_enabled
+                    else "off (TASK_TRACKING_API_ENABLED=false)",
                 ),
                 flush=True,
             )  # fmt: skip
@@ -72,19 +77,18 @@ async def run_dev(
         await serve(settings, explain)
 
 
-def dev_http_port() -> int:
-    """TASK_TRACKING_HTTP_PORT, else 9470 when free, else any free port (a second checkout's
-    `dev` then runs beside the first one)."""
-
-    configured = os.environ.get("TASK_TRACKING_HTTP_PORT")
+def dev_port(variable: str, preferred: int) -> int:
+    """The port `variable` sets, else `preferred` when free, else any free port (a second
+    checkout's `dev` then runs beside the first one)."""
+    configured = os.environ.get(variable)
     if configured:
-        return int(configured) if configured.isdigit() else 9470  # Settings says what's wrong
+        return int(configured) if configured.isdigit() else preferred  # Settings says why
     with socket.socket() as sock:
         try:
-            sock.bind(("0.0.0.0", 9470))
+            sock.bind(("0.0.0.0", preferred))
         except OSError:
             return free_port()
-    return 9470
+    return preferred
 
 
 def shown_path(path: Path) -> str:
@@ -116,6 +120,7 @@ task-tracking dev is running.
   archive folder:         {folder}
   state:                  {state}  (kept across restarts; delete it to start afresh)
   metrics / health:       http://127.0.0.1:{port}/metrics  /healthz  /readyz
+  live task board:        {board}   (in a terminal: task-tracking watch)
 
 In another terminal, in this folder (the commands find this dev server through {state}):
 {cli}  task-tracking emit --execution-id demo-1 --task deploy --project my-org/my-repo \\

@@ -1,8 +1,22 @@
-"""Redis key names of the projection (contract: DESIGN.md)."""
+"""Redis key names of the projection (contract: DESIGN.md) and of the read paths' feeds."""
 
 from __future__ import annotations
 
 KEY_PREFIX = "task-tracking"
+
+# Sorted set: member a project (owner/repo), score its latest occurredAtMs (ZADD GT). The
+# readers count a project's executions with ZCARD of its index: a count kept here would
+# drift from the index once retention trims it.
+PROJECTS_KEY = f"{KEY_PREFIX}:projects"
+# Stream of the changes that took effect, one entry per execution the compare-and-set
+# wrote: fields `project`, `executionId`, `state` (the execution as JSON, typed). Capped
+# with MAXLEN ~ CHANGES_MAXLEN; its entry IDs are the SSE ids of /api/v1/changes.
+CHANGES_KEY = f"{KEY_PREFIX}:changes"
+CHANGES_MAXLEN = 10_000
+# Hash field listing, as a JSON array, the fields of the hash that are JSON-encoded
+# (everything the event sent that is not a string); the projection's own, like
+# occurredAtMs and streamId.
+JSON_FIELDS_FIELD = "jsonFields"
 
 
 def execution_key(execution_id: str) -> str:

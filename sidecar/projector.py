@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -43,24 +44,40 @@ from redis.exceptions import NoScriptError
 from sidecar.consumer import Flushed
 from sidecar.events import STATUS_RANK, InvalidEntry, ValidEvent, stream_order
 from sidecar.in_flight import CallsInFlight, Outcome
-from sidecar.keys import execution_key, project_index_key
+from sidecar.keys import (
+    CHANGES_KEY,
+    CHANGES_MAXLEN,
+    JSON_FIELDS_FIELD,
+    PROJECTS_KEY,
+    execution_key,
+    project_index_key,
+)
 from sidecar.metrics import Metrics, observe_many
 
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
 CALL_SIZE = 64
+# A changes-feed entry holds the written hash's fields when they are at most this many
+# values (field names and values), else only the hash's key (`reload`).
+CHANGE_FIELDS = 400
 MAX_IN_FLIGHT = 4
 
-# KEYS[1..n]  execution hashes, one per item of ARGV[2]
-# KEYS[n+1..] project indexes, one per item of ARGV[3]
+# KEYS[1..n]      execution hashes, one per item of ARGV[2]
+# KEYS[n+1..n+m]  sorted sets, one per item of ARGV[3]: project indexes, the projects index
+# KEYS[n+m+1]     the changes stream, when ARGV[4] > 0
 # ARGV[1]     seconds to keep a finished execution (0: forever)
 # ARGV[2]     JSON array of n items, one per execution:
 #             [occurredAtMs, statusRank, eventId, earlier, field, value, …]
 #             the event to store (field/value pairs: the whole new hash, every value a
 #             string); earlier: [occurredAtMs, statusRank, eventId, …], the ordering keys of
 #             the batch's events of that execution that it superseded, ascending
-# ARGV[3]     JSON array, one item per index: [score, member, score, member, …]
-# Returns how many events took effect: an earlier event counts if it beats the stored one.
+# ARGV[3]     JSON array, one item per sorted set: [score, member, score, member, …]
+# ARGV[4]     the changes feed: > 0 XADD each written hash's fields to KEYS[n+m+1] (MAXLEN
+#             ~ this; a hash of more than CHANGE_FIELDS values as `reload` <its key>
+#             instead); 0 return the item numbers written (Redis Cluster: the stream lives
+#             on another slot, the projector adds them right after); < 0 no feed
+# Returns how many events took effect (an earlier event counts if it beats the stored
+# one); with ARGV[4] = 0, {that count, item numbers written…}.
 COMPARE_AND_SET = """
 -- is the ordering key (ms, rank, id) greater than (ms2, rank2, id2)?
 local function greater(ms, rank, id, ms2, rank2, id2)
@@ -76,7 +93,9 @@ end
 
 local ttl = tonumber(ARGV[1])
 local items = cjson.decode(ARGV[2])
+local feed = tonumber(ARGV[4])
 local applied = 0
+local written = {0}
 for i, item in ipairs(items) do
   local key = KEYS[i]
   local ms, rank, id, earlier = tonumber(item[1]), tonumber(item[2]), item[3], item[4]
@@ -102,6 +121,17 @@ for i, item in ipairs(items) do
     end
     if ttl > 0 and rank == 1 then redis.call('EXPIRE', key, ttl) end
     applied = applied + wins
+    if feed < 0 then
+      -- no feed (the benchmark's baseline)
+    elseif feed > 0 then
+      if #item <= 404 then  -- unpack() stays far from Lua's stack limit
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', unpack(item, 5, #item))
+      else
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', 'reload', key)
+      end
+    else
+      written[#written + 1] = i
+    end
   end
 end
 for i, members in ipairs(cjson.decode(ARGV[3])) do
@@ -110,7 +140,9 @@ for i, members in ipairs(cjson.decode(ARGV[3])) do
     redis.call('ZADD', key, 'GT', unpack(members, first, math.min(first + 199, #members)))
   end
 end
-return applied
+if feed ~= 0 then return applied end
+written[1] = applied
+return written
 """
 
 
@@ -135,10 +167,18 @@ def _script_item(run: list[ValidEvent]) -> list[object]:
     for superseded in run[:-1]:
         earlier += superseded.ordering_key
     item: list[object] = [event.occurred_at_ms, STATUS_RANK[event.status], event.event_id, earlier]
+    encoded: list[str] = []
     for name, value in event.fields.items():
         item.append(name)
-        item.append(value if isinstance(value, str) else orjson.dumps(value).decode())
+        if isinstance(value, str):
+            item.append(value)
+        else:
+            item.append(orjson.dumps(value).decode())
+            encoded.append(name)
+    # Which fields a reader decodes: without it, a stored "null" could be the string or
+    # JSON's null (read paths, sidecar/read/).
     item += ["occurredAtMs", str(event.occurred_at_ms), "streamId", event.entry_id]
+    item += [JSON_FIELDS_FIELD, orjson.dumps(encoded).decode()]
     return item
 
 
@@ -153,6 +193,9 @@ class _ScriptCall:
     # standalone: the executions, and every event of the batch the call decides
     execution_ids: list[str] = field(default_factory=list)
     events: list[ValidEvent] = field(default_factory=list)
+    # the script adds the changes feed's entries itself (standalone server); on a cluster
+    # it returns which items it wrote, and the projector adds them (`_add_changes`)
+    changes_inline: bool = True
 
     def add_execution(self, key: str, run: list[ValidEvent]) -> None:
         self.keys.append(key)
@@ -164,8 +207,11 @@ class _ScriptCall:
 
     def args(self, sha: str, ttl: int) -> list[str | int | bytes]:
         keys = self.keys + self.index_keys
+        if self.changes_inline:
+            keys.append(CHANGES_KEY)
         items, members = orjson.dumps(self.items), orjson.dumps(self.index_members)
-        return ["EVALSHA", sha, len(keys), *keys, ttl, items, members]
+        feed = CHANGES_MAXLEN if self.changes_inline else 0
+        return ["EVALSHA", sha, len(keys), *keys, ttl, items, members, feed]
 
 
 def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
@@ -187,6 +233,15 @@ def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
     return members
 
 
+def latest_activity(members: dict[str, list[object]]) -> list[object]:
+    """The projects index's `[score, project, …]` for a batch's index members: each
+    project at its greatest occurredAtMs (ZADD GT, like the indexes)."""
+    flat: list[object] = []
+    for project, scored in members.items():
+        flat += (max(scored[0::2]), project)  # type: ignore[type-var]
+    return flat
+
+
 def calls_in_chunks(
     runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
 ) -> Iterator[_ScriptCall]:
@@ -203,8 +258,11 @@ def calls_in_chunks(
         call = _ScriptCall(execution_ids=chunk, events=chunk_events)
         for execution_id in chunk:
             call.add_execution(execution_key(execution_id), runs[execution_id])
-        for project, members in index_members(chunk_events).items():
-            call.add_index(project_index_key(project), members)
+        members = index_members(chunk_events)
+        for project, scored in members.items():
+            call.add_index(project_index_key(project), scored)
+        if members:
+            call.add_index(PROJECTS_KEY, latest_activity(members))
         yield call
 
 
@@ -212,13 +270,16 @@ def calls_by_slot(
     runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
 ) -> list[_ScriptCall]:
     """A batch's calls on a cluster: one per hash slot, so each script stays on its slot."""
-    calls: defaultdict[int, _ScriptCall] = defaultdict(_ScriptCall)
+    calls: defaultdict[int, _ScriptCall] = defaultdict(lambda: _ScriptCall(changes_inline=False))
     for execution_id, run in runs.items():
         key = execution_key(execution_id)
         calls[key_slot(key.encode())].add_execution(key, run)
-    for project, members in index_members(events).items():
+    members = index_members(events)
+    for project, scored in members.items():
         key = project_index_key(project)
-        calls[key_slot(key.encode())].add_index(key, members)
+        calls[key_slot(key.encode())].add_index(key, scored)
+    if members:
+        calls[key_slot(PROJECTS_KEY.encode())].add_index(PROJECTS_KEY, latest_activity(members))
     return list(calls.values())
 
 
@@ -386,5 +447,25 @@ class RedisTaskStatusProjector:
                 # execute_command: redis-py's cluster pipeline refuses `pipe.evalsha`
                 # (it routes EVALSHA by its keys all the same)
                 pipe.execute_command(*call.args(self._sha, ttl))
-            results: list[int] = await pipe.execute()
-        return sum(results)
+            results: list[list[int]] = await pipe.execute()
+        changes = [
+            (call.keys[int(number) - 1], call.items[int(number) - 1][4:])
+            for call, result in zip(calls, results, strict=True)
+            for number in result[1:]
+        ]
+        await self._add_changes(changes)
+        return sum(int(result[0]) for result in results)
+
+    async def _add_changes(self, changes: list[tuple[str, list[object]]]) -> None:
+        """Redis Cluster: the changes feed's entries, pipelined right after the script
+        calls (the stream is on one slot, the executions on all of them). Lost if the
+        connection drops in between: the retried batch finds nothing left to change."""
+        if not changes:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, fields in changes:
+                entry: list[Any] = fields if len(fields) <= CHANGE_FIELDS else ["reload", key]
+                pipe.execute_command(
+                    "XADD", CHANGES_KEY, "MAXLEN", "~", CHANGES_MAXLEN, "*", *entry
+                )  # fmt: skip
+            await pipe.execute()

@@ -100,6 +100,8 @@ class Sidecar:
         )
         self.watch: Any = None  # sidecar.kopf_embedding.ResourceWatch when a resource is watched
         self.http_port: int | None = None
+        self.api_port: int | None = None  # the read API's, when TASK_TRACKING_API_ENABLED
+        self._api: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._http: web.AppRunner | None = None
         self.loop_stall_seconds = LOOP_STALL_SECONDS
@@ -111,6 +113,15 @@ class Sidecar:
         self._http, self.http_port = await start_server(
             self, self.settings.http_host, self.settings.http_port
         )
+        if self.settings.api_enabled:
+            from sidecar.read.app import start_api
+
+            self._api, self.api_port = await start_api(
+                self.settings.redis_url,
+                self.settings.http_host,
+                self.settings.api_port,
+                token=self.settings.api_token,
+            )
         self._spawn("projector", self.projector_runner.run)
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
@@ -154,6 +165,9 @@ class Sidecar:
         await self._join("stream-stats", left(IDLE_TASK_JOIN_SECONDS))
         await self._join("retention", left(IDLE_TASK_JOIN_SECONDS))
         await asyncio.to_thread(self.watchdog.stop)
+        if self._api is not None:  # SSE clients are cut: they resume from their last id
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._api.cleanup(), left(1.0))
         if self._http is not None:
             await self._http.cleanup()
         for close in (self.s3_clients.close(), self.redis.aclose()):

@@ -32,6 +32,14 @@ TOGGLES: dict[str, tuple[dict[str, Any], set[str]]] = {
     "service-monitor": ({"serviceMonitor": {"enabled": True}}, {"ServiceMonitor"}),
     "prometheus-rule": ({"prometheusRule": {"enabled": True}}, {"PrometheusRule"}),
     "grafana-dashboard": ({"grafanaDashboard": {"enabled": True}}, {"ConfigMap"}),
+    "api": (
+        {"api": {"enabled": True, "tokenSecret": {"name": "api-token"}}},
+        {"Deployment", "Service"},
+    ),
+    "api-network-policy": (
+        {"api": {"enabled": True}, "networkPolicy": {"enabled": True, "egress": {"enabled": True}}},
+        {"NetworkPolicy"},
+    ),
     "network-policy": (
         {"networkPolicy": {"enabled": True, "egress": {"enabled": True}}},
         {"NetworkPolicy"},
@@ -82,8 +90,10 @@ TOGGLES: dict[str, tuple[dict[str, Any], set[str]]] = {
 
 
 def sidecar_of(rendered: Rendered) -> dict[str, Any]:
-    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
-    containers = pod["containers"] + pod.get("initContainers", [])
+    containers = []
+    for deployment in rendered.of_kind("Deployment"):  # the demo's, not the read API's
+        pod = deployment["spec"]["template"]["spec"]
+        containers += pod["containers"] + pod.get("initContainers", [])
     (sidecar,) = [c for c in containers if c["name"] == "task-tracking"]
     return sidecar
 

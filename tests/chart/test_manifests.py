@@ -178,6 +178,25 @@ def test_plain_deployment_sidecar_matches_the_chart(render: Any) -> None:
     assert plain["serviceAccountName"] == "task-tracking"
 
 
+def test_plain_api_example_matches_the_chart(render: Any, crd_schema: dict[str, Any]) -> None:
+    deployment, service = load("examples/api.yaml")
+    for doc in (deployment, service):
+        validate_object(doc, crd_schema)
+    charted = render({"fullnameOverride": "task-tracking", "api": {"enabled": True}})
+    [chart_deployment] = [
+        d for d in charted.of_kind("Deployment") if d["metadata"]["name"] == "task-tracking-api"
+    ]
+    plain, chart_pod = (
+        deployment["spec"]["template"]["spec"],
+        chart_deployment["spec"]["template"]["spec"],
+    )
+    assert plain["containers"] == chart_pod["containers"]
+    assert plain["securityContext"] == chart_pod["securityContext"]
+    assert plain["automountServiceAccountToken"] is False
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
 def test_plain_rbac_matches_the_chart(render: Any) -> None:
     (role,) = load("rbac/role.yaml")
     assert role["rules"] == render().one("Role")["rules"]

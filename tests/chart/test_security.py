@@ -21,6 +21,7 @@ from .test_chart_render import TOGGLES
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 SIDECAR = "task-tracking"
+API = "task-tracking-api"  # the read API's own Deployment (api.enabled): no sidecar in it
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -68,7 +69,7 @@ def container_findings(name: str, container: dict[str, Any], pod: dict[str, Any]
     last = image.rsplit("/", 1)[-1]
     if "@sha256:" not in image and (":" not in last or last.endswith(":latest")):
         found.append(f"{where}: image {image!r} is not pinned to a version")
-    if container["name"] == SIDECAR:
+    if container["name"] in (SIDECAR, API):
         for probe in ("livenessProbe", "readinessProbe"):
             if probe not in container:
                 found.append(f"{where}: no {probe}")
@@ -102,7 +103,7 @@ def findings(objects: list[dict[str, Any]]) -> list[str]:
         if pod.get("securityContext", {}).get("runAsUser") == 0:
             found.append(f"{where}: pod runs as root")
         containers = pod.get("initContainers", []) + pod.get("containers", [])
-        if not any(c["name"] == SIDECAR for c in containers):
+        if not any(c["name"] in (SIDECAR, API) for c in containers):
             found.append(f"{where}: no {SIDECAR} sidecar container")
         for container in containers:
             found += container_findings(where, container, pod)

@@ -135,7 +135,10 @@ async def _snapshot(client: aioredis.Redis) -> dict[bytes, Any]:
     """Every projection key: a hash with whether it expires, an index with its scores."""
     state: dict[bytes, Any] = {}
     async for key in client.scan_iter("task-tracking:*"):
-        if await client.type(key) == b"hash":
+        kind = await client.type(key)
+        if kind == b"stream":  # the changes feed: one entry per write, coalesced or not
+            continue
+        if kind == b"hash":
             state[key] = (await client.hgetall(key), await client.ttl(key) > 0)
         else:
             state[key] = await client.zrange(key, 0, -1, withscores=True)

@@ -121,9 +121,8 @@ async def test_emit_status_and_list_commands(
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
     status = await asyncio.to_thread(cli, "status", "c1", "--json", env=env)
     state = json.loads(status.stdout)
-    assert state["status"] == "success" and json.loads(state["visibility"]) == {
-        "responsibleUsers": ["ann"]
-    }
+    # --json prints fields in their JSON types (#17): an object, not a JSON string
+    assert state["status"] == "success" and state["visibility"] == {"responsibleUsers": ["ann"]}
     table = await asyncio.to_thread(cli, "list", "o/r", env=env)
     assert "c1" in table.stdout and "success" in table.stdout
     missing = await asyncio.to_thread(cli, "status", "nope", env=env)

@@ -237,3 +237,10 @@ initContainers) list. It needs the volumes of "task-tracking.sidecarVolumes".
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/* Labels that select the read API's pods (apart from the demo pods'). */}}
+{{- define "task-tracking.apiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "task-tracking.name" . }}-api
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: api
+{{- end -}}

@@ -1,0 +1,279 @@
+"""The read API on its own port: executions, projects, the changes over SSE, the board.
+
+`start_api` serves it inside a sidecar (`TASK_TRACKING_API_ENABLED`) or standalone
+(`task-tracking api`, `ReadApi`); it holds a Redis client of its own and the process's
+one changes reader, both started and stopped with the app (`cleanup_ctx`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.resources
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.connections import connect
+from sidecar.read.changes import Change, ChangesFeed, Subscriber, TooOld
+from sidecar.read.projection import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    BadCursor,
+    ReadClient,
+    changes_position,
+    get_execution,
+    list_executions,
+    list_projects,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 15.0
+# The kubelet's probes carry no token; they tell nothing about the task data.
+PROBES = ("/healthz", "/readyz")
+# A client that cannot take a write (its socket buffer full) for this long is dropped.
+WRITE_TIMEOUT_SECONDS = 5.0
+PROJECT = r"[A-Za-z0-9][A-Za-z0-9-]{0,38}"
+REPO = r"[A-Za-z0-9._-]{1,100}"
+
+REDIS_KEY: web.AppKey[ReadClient] = web.AppKey("redis")
+FEED_KEY: web.AppKey[ChangesFeed] = web.AppKey("feed")
+TOKEN_KEY: web.AppKey[str | None] = web.AppKey("token")
+HEARTBEAT_KEY: web.AppKey[float] = web.AppKey("heartbeat")
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, dumps=_dumps)
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+@web.middleware
+async def require_token(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """`Authorization: Bearer <token>` on every request when a token is set; the board's
+    page (`/`) may carry it as `?token=` (a link to open in a browser)."""
+    token = request.app[TOKEN_KEY]
+    if request.method not in ("GET", "HEAD"):
+        return error(405, "only GET and HEAD")
+    if token and request.path not in PROBES:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if request.path == "/" and not given:
+            given = request.query.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return error(401, "missing or wrong token: send Authorization: Bearer <token>")
+    return await handler(request)
+
+
+def build_app(
+    redis_url: str, *, token: str | None = None, heartbeat_seconds: float = HEARTBEAT_SECONDS
+) -> web.Application:
+    app = web.Application(middlewares=[require_token])
+    app[TOKEN_KEY] = token or None
+    app[HEARTBEAT_KEY] = heartbeat_seconds
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        redis = connect(redis_url, decode_responses=True)
+        feed = ChangesFeed(redis)
+        app[REDIS_KEY] = redis
+        app[FEED_KEY] = feed
+        await feed.start()
+        yield
+        await feed.stop()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/", board)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/executions/{execution_id}", execution)
+    app.router.add_get("/api/v1/projects", projects)
+    project_path = f"/api/v1/projects/{{owner:{PROJECT}}}/{{repo:{REPO}}}/executions"
+    app.router.add_get(project_path, executions)
+    app.router.add_get("/api/v1/changes", changes)
+    return app
+
+
+async def board(request: web.Request) -> web.Response:
+    page = importlib.resources.files("sidecar.read").joinpath("board.html").read_bytes()
+    return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers (a Redis outage is /readyz's business)."""
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers, and the changes reader has its position."""
+    try:
+        await request.app[REDIS_KEY].ping()
+    except Exception as exc:
+        return error(503, f"Redis: {exc}")
+    if not request.app[FEED_KEY].started.is_set():
+        return error(503, "the changes reader has not started yet")
+    return web.json_response({"ok": True})
+
+
+async def execution(request: web.Request) -> web.Response:
+    execution_id = request.match_info["execution_id"]
+    found = await get_execution(request.app[REDIS_KEY], execution_id)
+    if found is None:
+        return error(404, f"no execution {execution_id!r} in the projection")
+    return web.json_response(found, dumps=_dumps)
+
+
+async def projects(request: web.Request) -> web.Response:
+    redis = request.app[REDIS_KEY]
+    changes_id = await changes_position(redis)
+    listed = await list_projects(redis)
+    return web.json_response({"projects": listed, "changesId": changes_id}, dumps=_dumps)
+
+
+async def executions(request: web.Request) -> web.Response:
+    project = f"{request.match_info['owner']}/{request.match_info['repo']}"
+    if project.split("/")[1] in (".", ".."):
+        return error(404, "no such project")
+    try:
+        limit = int(request.query.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        return error(400, f"limit: an integer from 1 to {MAX_LIMIT}")
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit: an integer from 1 to {MAX_LIMIT}")
+    try:
+        page = await list_executions(
+            request.app[REDIS_KEY], project, limit=limit, before=request.query.get("before")
+        )
+    except BadCursor as exc:
+        return error(400, str(exc))
+    return web.json_response(page, dumps=_dumps)
+
+
+def _event(change: Change) -> bytes:
+    return f"id: {change.id}\nevent: execution\ndata: {change.state}\n\n".encode()
+
+
+def _reset(reason: str) -> bytes:
+    return f"event: reset\ndata: {_dumps({'reason': reason})}\n\n".encode()
+
+
+async def changes(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: each change after `Last-Event-ID` (or `?lastEventId=`), or after
+    now; `reset` when that position cannot be resumed, or when the client falls behind."""
+    feed = request.app[FEED_KEY]
+    project = request.query.get("project") or None
+    after = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+    )
+    await response.prepare(request)
+    await feed.started.wait()
+    with feed.subscribe(project) as subscriber:
+        try:
+            await response.write(b": connected\n\n")  # subscribed: nothing after is missed
+            if after is not None:
+                await feed.check_resumable(after)
+            await _stream(request, response, feed, subscriber, after)
+        except TooOld as exc:
+            await _write(response, _reset(str(exc)))
+        except ConnectionResetError:
+            pass  # the client left
+        except TimeoutError:  # the client stopped reading: its socket is full, cut it
+            if request.transport is not None:
+                request.transport.abort()
+    response.force_close()  # the stream ends with the connection
+    return response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_SECONDS)
+
+
+async def _stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    feed: ChangesFeed,
+    subscriber: Subscriber,
+    after: str | None,
+) -> None:
+    """Without `after`, the queue alone: it holds every change since the subscription
+    (reading the stream's position here instead would drop what queued up meanwhile)."""
+    last = (0, 0)
+    if after is not None:
+        last = _key(after)
+        async for change in feed.since(after):
+            if subscriber.project is None or change.project == subscriber.project:
+                await _write(response, _event(change))
+            last = _key(change.id)
+    heartbeat = request.app[HEARTBEAT_KEY]
+    while True:
+        if subscriber.overflowed:  # a slow client, or the feed itself was reset
+            await _write(response, _reset("the client fell behind the changes"))
+            return
+        waiting = _take(subscriber)
+        if not waiting:
+            subscriber.wake.clear()
+            getter = asyncio.ensure_future(subscriber.queue.get())
+            waker = asyncio.ensure_future(subscriber.wake.wait())
+            done, _ = await asyncio.wait(
+                {getter, waker}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+            )
+            waker.cancel()
+            if getter not in done:
+                getter.cancel()
+                if not done:
+                    await _write(response, b": heartbeat\n\n")
+                continue
+            waiting = [getter.result(), *_take(subscriber)]
+        fresh = [change for change in waiting if _key(change.id) > last]  # not sent yet
+        if fresh:
+            last = _key(fresh[-1].id)
+            # what queued up goes out in one write: one syscall for a burst, not one each
+            await _write(response, b"".join(_event(change) for change in fresh))
+
+
+def _take(subscriber: Subscriber, limit: int = 256) -> list[Change]:
+    taken: list[Change] = []
+    while len(taken) < limit:
+        try:
+            taken.append(subscriber.queue.get_nowait())
+        except asyncio.QueueEmpty:
+            break
+    return taken
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+async def start_api(
+    redis_url: str, host: str, port: int, *, token: str | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve the read app on host:port; returns the runner (`cleanup()` stops it) and the
+    bound port (for port 0)."""
+    # SSE handlers never finish by themselves: a stop cuts them after a moment (their
+    # clients resume from their last id elsewhere).
+    runner = web.AppRunner(
+        build_app(redis_url, token=token), handle_signals=False, shutdown_timeout=0.5
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server: Any = site._server
+    bound: int = server.sockets[0].getsockname()[1] if server is not None else port
+    log.info("read API on %s:%s%s", host, bound, " (token required)" if token else "")
+    return runner, bound
