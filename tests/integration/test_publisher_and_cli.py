@@ -205,7 +205,7 @@ async def test_list_into_a_closed_pipe_exits_quietly(
     result = await asyncio.to_thread(
         subprocess.run, ["bash", "-c", script], env=env, capture_output=True, text=True
     )
-    assert result.stdout.startswith("executionId")
+    assert result.stdout.startswith("EXECUTION")
     assert (tmp_path / "err").read_text() == ""
     assert (tmp_path / "code").read_text().strip() == "141"
 
