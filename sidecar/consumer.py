@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.batches import Batch, BatchDecoder
 from sidecar.bounded_read import READ_BUDGET_BYTES, BoundedReader, StreamEntry
 from sidecar.claims import Claimer
+from sidecar.connections import redis_hint
 from sidecar.dead_letter import DeadLetterer
 from sidecar.errors import WorkerError
 from sidecar.events import DEFAULT_LIMITS, EventLimits, InvalidEntry, ValidEvent
@@ -264,7 +265,9 @@ class ConsumerGroupRunner:
             elif isinstance(exc, WorkerError):
                 self._log.error("%s; retrying with backoff", failure)
             elif isinstance(exc, TRANSIENT):
-                self._log.warning("Redis unavailable, retrying with backoff: %s", failure)
+                self._log.warning(
+                    "Redis unavailable, retrying with backoff: %s%s", failure, redis_hint(exc)
+                )
             else:
                 self._log.exception("worker error, retrying with backoff")
         self.failure = failure
