@@ -8,8 +8,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -321,18 +320,6 @@ async def emit_lines(service: Any, lines: Any) -> int:
     noun = "event" if published == 1 else "events"
     print(f"published {published} {noun}" + (f", {len(refused)} refused" if refused else ""))
     return 0 if not refused else 1
-
-
-@asynccontextmanager
-async def projection_reader() -> AsyncIterator[Any]:
-    """A decoding Redis client for the read commands, closed on exit."""
-    from sidecar.connections import connect
-
-    redis = connect(client_settings().redis_url, decode_responses=True)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

@@ -71,14 +71,6 @@ def s3_client_config() -> Config:
     )
 
 
-def __getattr__(name: str) -> Any:
-    """`S3_CLIENT_CONFIG`, built when first asked for (`s3_client_config()`), so that
-    importing this module does not import botocore."""
-    if name == "S3_CLIENT_CONFIG":
-        return s3_client_config()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def s3_call_errors() -> tuple[type[Exception], ...]:
     """What an S3 call raises when it fails (an `except` clause evaluates this only when
     something was raised: botocore is imported by then, the client came from it)."""

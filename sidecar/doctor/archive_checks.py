@@ -46,14 +46,12 @@ def check_folder(settings: Settings, report: Report) -> None:
 
 
 async def check_s3(settings: Settings, report: Report) -> None:
-    from aiobotocore.session import get_session
-
-    from sidecar.sinks import S3_CLIENT_CONFIG, S3Sink, SinkError
+    from sidecar.s3_client import lean_session
+    from sidecar.sinks import S3Sink, SinkError, s3_client_context
 
     bucket = settings.archive.bucket
     assert bucket is not None  # Settings requires it when archival is on
-    session = get_session()
-    credentials = await session.get_credentials()
+    credentials = await lean_session().get_credentials()  # the chain the sidecar's client uses
     if credentials is None:
         report.add(
             "s3 credentials",
@@ -68,9 +66,7 @@ async def check_s3(settings: Settings, report: Report) -> None:
     endpoint = settings.archive.endpoint_url
     shown = endpoint_shown(endpoint)
     where = f"s3://{bucket}" + (f" at {shown}" if shown else "")
-    async with session.create_client(
-        "s3", region_name=settings.archive.region, endpoint_url=endpoint, config=S3_CLIENT_CONFIG
-    ) as client:
+    async with s3_client_context(region=settings.archive.region, endpoint_url=endpoint) as client:
         sink = S3Sink(client, bucket)
         try:
             await sink.check()
