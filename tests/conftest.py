@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 
 from sidecar import devserver
 from sidecar.devserver import DevServer, ServerUnavailable
-from tests.servers import SERVER_KIND, start_server
+from tests.s3proxy import S3Proxy
+from tests.servers import SERVER_KIND, RedisClusterServers, start_server
 
 
 def pytest_report_header() -> str:
@@ -162,6 +163,28 @@ def s3(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
     for name, value in s3_environment(s3_server).items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+# The bucket of the tests that use `stripping_proxy`.
+PROXIED_BUCKET = "archive"
+
+
+@pytest.fixture
+def stripping_proxy(s3: MotoServer) -> Iterator[S3Proxy]:
+    """moto behind a proxy that removes `If-None-Match`: a second create overwrites."""
+    s3.client().create_bucket(Bucket=PROXIED_BUCKET)
+    proxy = S3Proxy(s3.port).start()
+    proxy.strip_if_none_match = True
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A three-master Redis Cluster, one per test module."""
+    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    yield servers
+    servers.stop()
 
 
 def s3_environment(server: MotoServer) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,6 @@ from tests.integration.test_tls_acl import everything_the_sidecar_does
 from tests.servers import ACL_PASSWORD, ACL_USER, RedisClusterServers, acl_refusals, create_acl_user
 
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
-    yield servers
-    servers.stop()
 
 
 @pytest.fixture

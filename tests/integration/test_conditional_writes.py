@@ -5,7 +5,7 @@ behind tests/s3proxy.py stripping `If-None-Match` (a server that ignores the hea
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -15,7 +15,7 @@ from sidecar.archiver import object_key
 from sidecar.config import ConfigError, load_settings
 from sidecar.metrics import Metrics
 from sidecar.sinks import FolderSink, S3Sink, s3_client_context
-from tests.conftest import MotoServer
+from tests.conftest import PROXIED_BUCKET, MotoServer
 from tests.helpers import (
     ARCHIVER,
     STREAM,
@@ -29,18 +29,8 @@ from tests.helpers import (
 )
 from tests.s3proxy import S3Proxy
 
-BUCKET = "archive"
+BUCKET = PROXIED_BUCKET  # what `stripping_proxy` creates
 T0 = 1_773_568_800_000  # 2026-03-15T10:00:00Z
-
-
-@pytest.fixture
-def stripping_proxy(s3: MotoServer) -> Iterator[S3Proxy]:
-    """moto behind a proxy that removes `If-None-Match`: a second create overwrites."""
-    s3.client().create_bucket(Bucket=BUCKET)
-    proxy = S3Proxy(s3.port).start()
-    proxy.strip_if_none_match = True
-    yield proxy
-    proxy.stop()
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ import redis
 from sidecar.config import load_settings
 from sidecar.connections import LEAST_PRIVILEGE_ACL
 from sidecar.doctor import Report, run_doctor
-from tests.conftest import MotoServer
+from tests.conftest import PROXIED_BUCKET, MotoServer
 from tests.kube.api import KubeAPI
 from tests.kube.store import API_VERSION, KIND
 from tests.s3proxy import S3Proxy
 
-BUCKET = "archive"
+BUCKET = PROXIED_BUCKET  # what `stripping_proxy` creates
 USER, PASSWORD = "doctor-test", "pw-for-doctor-test"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,15 +106,6 @@ async def test_pinpoints_a_missing_bucket(redis_url: str, s3_settings: dict[str,
     assert outcome == "fail" and "bucket does not exist" in message
     assert fix == "create the bucket, or fix TASK_TRACKING_S3_BUCKET"
     assert not report.ok
-
-
-@pytest.fixture
-def stripping_proxy(s3: MotoServer) -> Iterator[S3Proxy]:
-    s3.client().create_bucket(Bucket=BUCKET)
-    proxy = S3Proxy(s3.port).start()
-    proxy.strip_if_none_match = True
-    yield proxy
-    proxy.stop()
 
 
 async def test_conditional_writes_enforced_by_moto_and_not_behind_a_stripping_proxy(

@@ -3,7 +3,7 @@ one slot, written right after the per-slot script calls), the projects index, pa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -14,13 +14,6 @@ from tests.read_client import open_changes
 from tests.servers import RedisClusterServers
 
 T0 = 1_773_568_800_000
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
-    yield servers
-    servers.stop()
 
 
 @pytest.fixture
