@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.batches import Batch, BatchDecoder
-from sidecar.bounded_read import READ_BUDGET_BYTES, BoundedReader, StreamEntry
+from sidecar.bounded_read import READ_BUDGET_BYTES, BoundedReader, ReplyOverBudget, StreamEntry
 from sidecar.claims import Claimer
 from sidecar.connections import redis_hint
 from sidecar.dead_letter import DeadLetterer
@@ -130,6 +130,7 @@ class ConsumerGroupRunner:
         self._to_ack: list[str] = []
         self._invalid: list[InvalidEntry] = []
         self._recovered = False
+        self._over_budget = False  # a native read's reply was dropped (ReplyOverBudget)
         self._force_flush = False
         self._redis_lost = False
         # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
@@ -176,6 +177,9 @@ class ConsumerGroupRunner:
                 await self.ensure_group()
                 await self.handler.prepare()
                 if not self._recovered:
+                    if self._over_budget:  # in hand first: the rest pending is unread
+                        await self._settle(force=True)
+                        self._over_budget = False
                     await self._recover_own_pending()
                     self._recovered = True
                 await self._settle()  # invalid entries and acknowledgements still owed
@@ -183,9 +187,17 @@ class ConsumerGroupRunner:
                 backoff = self.options.backoff_initial
                 await self._consume()
                 await self._settle(force=True)
+                await self._reader.aclose()
                 return
             except asyncio.CancelledError:
+                await self._reader.aclose()
                 raise
+            except ReplyOverBudget as exc:
+                # What the dropped reply delivered is pending: once what is in hand is
+                # settled, the pending list is exactly that, re-read in bounded reads.
+                self._log.info("%s; re-reading its entries in bounded reads", exc)
+                self._over_budget = True
+                self._recovered = False
             except Exception as exc:
                 self._mark_not_ready(exc)
                 # A reply lost with the connection may have delivered entries we never
@@ -202,6 +214,7 @@ class ConsumerGroupRunner:
                             "stopping with %d entries unacknowledged; they stay pending",
                             len(self._to_ack) + len(self._invalid),
                         )
+                    await self._reader.aclose()
                     return
 
     async def _consume(self) -> None:

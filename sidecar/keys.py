@@ -4,13 +4,16 @@ from __future__ import annotations
 
 KEY_PREFIX = "task-tracking"
 
-# Sorted set: member a project (owner/repo), score its latest occurredAtMs (ZADD GT). The
-# readers count a project's executions with ZCARD of its index: a count kept here would
-# drift from the index once retention trims it.
+# Sorted set: member a project (owner/repo), score 0, added when a projector first writes
+# the project and again every minute (so a deleted index heals), not at every event.
+# Readers take a project's execution count (ZCARD) and latest activity (top score) from its
+# own index: kept here, they would cost Redis a ZADD per project per call, and drift from
+# the index once retention trims it.
 PROJECTS_KEY = f"{KEY_PREFIX}:projects"
 # Stream of the changes that took effect, one entry per execution the compare-and-set
-# wrote: fields `project`, `executionId`, `state` (the execution as JSON, typed). Capped
-# with MAXLEN ~ CHANGES_MAXLEN; its entry IDs are the SSE ids of /api/v1/changes.
+# wrote: the written hash's fields (or `reload` and the hash's key, for a hash of very many
+# fields). Capped with MAXLEN ~ CHANGES_MAXLEN; its entry IDs are the SSE ids of
+# /api/v1/changes.
 CHANGES_KEY = f"{KEY_PREFIX}:changes"
 CHANGES_MAXLEN = 10_000
 # Hash field listing, as a JSON array, the fields of the hash that are JSON-encoded

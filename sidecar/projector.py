@@ -34,7 +34,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -57,28 +56,31 @@ from sidecar.metrics import Metrics, observe_many
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
 CALL_SIZE = 64
-# A changes-feed entry holds the written hash's fields when they are at most this many
-# values (field names and values), else only the hash's key (`reload`).
-CHANGE_FIELDS = 400
+# A changes-feed entry holds the execution's item (its JSON, as the script got it) when it
+# is at most this long, else only the hash's key (`reload`: readers read the hash).
+CHANGE_BYTES = 64 * 1024
 MAX_IN_FLIGHT = 4
 
-# KEYS[1..n]      execution hashes, one per item of ARGV[2]
-# KEYS[n+1..n+m]  sorted sets, one per item of ARGV[3]: project indexes, the projects index
-# KEYS[n+m+1]     the changes stream, when ARGV[4] > 0
+# KEYS[1..n]      execution hashes, one per item
+# KEYS[n+1..n+m]  sorted sets, one per item of ARGV[2]: project indexes, the projects index
+# KEYS[n+m+1]     the changes stream, when ARGV[3] > 0
 # ARGV[1]     seconds to keep a finished execution (0: forever)
-# ARGV[2]     JSON array of n items, one per execution:
+# ARGV[2]     JSON array, one item per sorted set: [score, member, score, member, …]
+# ARGV[3]     the changes feed: > 0 XADD to KEYS[n+m+1], for each execution written, its key
+#             and item (MAXLEN ~ this; an item longer than CHANGE_BYTES as `reload` <its
+#             key> instead); 0 return the item numbers written (Redis Cluster: the stream
+#             lives on another slot, the projector adds them right after); < 0 no feed
+# ARGV[4..n+3] one JSON item per execution:
 #             [occurredAtMs, statusRank, eventId, earlier, field, value, …]
 #             the event to store (field/value pairs: the whole new hash, every value a
 #             string); earlier: [occurredAtMs, statusRank, eventId, …], the ordering keys of
-#             the batch's events of that execution that it superseded, ascending
-# ARGV[3]     JSON array, one item per sorted set: [score, member, score, member, …]
-# ARGV[4]     the changes feed: > 0 XADD each written hash's fields to KEYS[n+m+1] (MAXLEN
-#             ~ this; a hash of more than CHANGE_FIELDS values as `reload` <its key>
-#             instead); 0 return the item numbers written (Redis Cluster: the stream lives
-#             on another slot, the projector adds them right after); < 0 no feed
+#             the batch's events of that execution that it superseded, ascending. An item
+#             apart: the feed entry carries its text as it came, at no cost to build.
 # Returns how many events took effect (an earlier event counts if it beats the stored
-# one); with ARGV[4] = 0, {that count, item numbers written…}.
-COMPARE_AND_SET = """
+# one); with ARGV[3] = 0, {that count, item numbers written…}.
+COMPARE_AND_SET = (
+    f"local CHANGE_BYTES = {CHANGE_BYTES}\n"
+    + """
 -- is the ordering key (ms, rank, id) greater than (ms2, rank2, id2)?
 local function greater(ms, rank, id, ms2, rank2, id2)
   if ms ~= ms2 then return ms > ms2 end
@@ -91,13 +93,16 @@ local function greater(ms, rank, id, ms2, rank2, id2)
   return #id > #id2
 end
 
-local ttl = tonumber(ARGV[1])
-local items = cjson.decode(ARGV[2])
-local feed = tonumber(ARGV[4])
+-- ARGV[1] and ARGV[3] go to redis.call as they came: a Lua number would be formatted
+-- with snprintf on every call
+local ttl, maxlen = ARGV[1], ARGV[3]
+local feed = tonumber(maxlen)
+local n = #ARGV - 3
 local applied = 0
 local written = {0}
-for i, item in ipairs(items) do
-  local key = KEYS[i]
+for i = 1, n do
+  local key, text = KEYS[i], ARGV[3 + i]
+  local item = cjson.decode(text)
   local ms, rank, id, earlier = tonumber(item[1]), tonumber(item[2]), item[3], item[4]
   local wins = 1 + #earlier / 3  -- events that take effect: all, unless one is stale
   local current = redis.call('HMGET', key, 'occurredAtMs', 'status', 'eventId')
@@ -114,28 +119,28 @@ for i, item in ipairs(items) do
     end
   end
   if wins > 0 then
-    redis.call('DEL', key)  -- the whole hash is replaced
+    if current[1] then redis.call('DEL', key) end  -- the whole hash is replaced
     -- in slices: unpack() of thousands of fields would overflow Lua's stack
     for first = 5, #item, 200 do
       redis.call('HSET', key, unpack(item, first, math.min(first + 199, #item)))
     end
-    if ttl > 0 and rank == 1 then redis.call('EXPIRE', key, ttl) end
+    if ttl ~= '0' and rank == 1 then redis.call('EXPIRE', key, ttl) end
     applied = applied + wins
     if feed < 0 then
       -- no feed (the benchmark's baseline)
     elseif feed > 0 then
-      if #item <= 404 then  -- unpack() stays far from Lua's stack limit
-        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', unpack(item, 5, #item))
+      if #text <= CHANGE_BYTES then
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', maxlen, '*', key, text)
       else
-        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', feed, '*', 'reload', key)
+        redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', maxlen, '*', 'reload', key)
       end
     else
       written[#written + 1] = i
     end
   end
 end
-for i, members in ipairs(cjson.decode(ARGV[3])) do
-  local key = KEYS[#items + i]
+for i, members in ipairs(cjson.decode(ARGV[2])) do
+  local key = KEYS[n + i]
   for first = 1, #members, 200 do
     redis.call('ZADD', key, 'GT', unpack(members, first, math.min(first + 199, #members)))
   end
@@ -144,6 +149,7 @@ if feed ~= 0 then return applied end
 written[1] = applied
 return written
 """
+)
 
 
 def coalesce(events: Sequence[ValidEvent]) -> dict[str, list[ValidEvent]]:
@@ -189,32 +195,47 @@ class _ScriptCall:
     keys: list[str] = field(default_factory=list)
     items: list[list[object]] = field(default_factory=list)
     index_keys: list[str] = field(default_factory=list)
-    index_members: list[list[object]] = field(default_factory=list)
+    index_members: list[list[str]] = field(default_factory=list)
     # standalone: the executions, and every event of the batch the call decides
     execution_ids: list[str] = field(default_factory=list)
     events: list[ValidEvent] = field(default_factory=list)
     # the script adds the changes feed's entries itself (standalone server); on a cluster
     # it returns which items it wrote, and the projector adds them (`_add_changes`)
     changes_inline: bool = True
+    # what the call adds to the projects index, `[score, project, …]`
+    projects: list[str] = field(default_factory=list)
+    _texts: list[bytes] | None = None
 
     def add_execution(self, key: str, run: list[ValidEvent]) -> None:
         self.keys.append(key)
         self.items.append(_script_item(run))
 
-    def add_index(self, key: str, members: list[object]) -> None:
+    def add_index(self, key: str, members: list[str]) -> None:
         self.index_keys.append(key)
         self.index_members.append(members)
+
+    def add_projects(self, members: list[str]) -> None:
+        """Projects new to the projects index (`ProjectRegistry.new`)."""
+        if members:
+            self.add_index(PROJECTS_KEY, members)
+            self.projects = members
 
     def args(self, sha: str, ttl: int) -> list[str | int | bytes]:
         keys = self.keys + self.index_keys
         if self.changes_inline:
             keys.append(CHANGES_KEY)
-        items, members = orjson.dumps(self.items), orjson.dumps(self.index_members)
+        members = orjson.dumps(self.index_members)
         feed = CHANGES_MAXLEN if self.changes_inline else 0
-        return ["EVALSHA", sha, len(keys), *keys, ttl, items, members, feed]
+        return ["EVALSHA", sha, len(keys), *keys, ttl, members, feed, *self.texts()]
+
+    def texts(self) -> list[bytes]:
+        """Each item's JSON (the script's arguments, and the changes feed's entries)."""
+        if self._texts is None:
+            self._texts = [orjson.dumps(item) for item in self.items]
+        return self._texts
 
 
-def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
+def index_members(events: Sequence[ValidEvent]) -> dict[str, list[str]]:
     """Per project index, `[score, member, …]`: each execution once, at its greatest
     occurredAtMs of the batch (ZADD GT keeps the greatest score, so this leaves each
     index as per-event ZADDs would)."""
@@ -225,25 +246,52 @@ def index_members(events: Sequence[ValidEvent]) -> dict[str, list[object]]:
             index = indexes[event.project] = {}
         if index.get(event.execution_id, -1) < event.occurred_at_ms:
             index[event.execution_id] = event.occurred_at_ms
-    members: dict[str, list[object]] = {}
+    members: dict[str, list[str]] = {}
     for project, scores in indexes.items():
         flat = members[project] = []
         for execution_id, score in scores.items():
-            flat += (score, execution_id)
+            # a string: the script hands it to ZADD as is (a Lua number would be
+            # formatted with snprintf)
+            flat += (str(score), execution_id)
     return members
 
 
-def latest_activity(members: dict[str, list[object]]) -> list[object]:
-    """The projects index's `[score, project, …]` for a batch's index members: each
-    project at its greatest occurredAtMs (ZADD GT, like the indexes)."""
-    flat: list[object] = []
-    for project, scored in members.items():
-        flat += (max(scored[0::2]), project)  # type: ignore[type-var]
-    return flat
+class ProjectRegistry:
+    """Which projects the projects index already holds, as far as this projector knows:
+    a project goes to `PROJECTS_KEY` with the first call that carries it, then again only
+    after `REFRESH_SECONDS` (so a deleted index heals). Readers take a project's latest
+    activity from the top of its own index, so the projects index need not follow every
+    event: a `ZADD` of a hundred projects per call was a fifth of Redis's time per event."""
+
+    REFRESH_SECONDS = 60.0
+    LIMIT = 10_000  # projects remembered; past it, forgotten all at once
+
+    def __init__(self) -> None:
+        self._written: dict[str, float] = {}
+
+    def new(self, members: dict[str, list[str]]) -> list[str]:
+        """`[score, project, …]` for the projects of `members` (index members by project)
+        to write, each at score 0: the index lists projects, its scores mean nothing (an
+        index written before this had each project's latest activity; `GT` keeps it)."""
+        now = time.monotonic()
+        flat: list[str] = []
+        for project in members:
+            written = self._written.get(project)
+            if written is None or now - written > self.REFRESH_SECONDS:
+                flat += ("0", project)
+        return flat
+
+    def written(self, members: list[str]) -> None:
+        """The projects of `new`'s `members` are in the index now."""
+        if len(self._written) > self.LIMIT:
+            self._written.clear()
+        now = time.monotonic()
+        for project in members[1::2]:
+            self._written[project] = now
 
 
 def calls_in_chunks(
-    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
+    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent], projects: ProjectRegistry
 ) -> Iterator[_ScriptCall]:
     """A batch's calls on a standalone server, built lazily: `CALL_SIZE` executions each,
     with the index entries of every event of those executions (so an index never names an
@@ -261,13 +309,12 @@ def calls_in_chunks(
         members = index_members(chunk_events)
         for project, scored in members.items():
             call.add_index(project_index_key(project), scored)
-        if members:
-            call.add_index(PROJECTS_KEY, latest_activity(members))
+        call.add_projects(projects.new(members))
         yield call
 
 
 def calls_by_slot(
-    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent]
+    runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent], projects: ProjectRegistry
 ) -> list[_ScriptCall]:
     """A batch's calls on a cluster: one per hash slot, so each script stays on its slot."""
     calls: defaultdict[int, _ScriptCall] = defaultdict(lambda: _ScriptCall(changes_inline=False))
@@ -278,8 +325,9 @@ def calls_by_slot(
     for project, scored in members.items():
         key = project_index_key(project)
         calls[key_slot(key.encode())].add_index(key, scored)
-    if members:
-        calls[key_slot(PROJECTS_KEY.encode())].add_index(PROJECTS_KEY, latest_activity(members))
+    new = projects.new(members)
+    if new:
+        calls[key_slot(PROJECTS_KEY.encode())].add_projects(new)
     return list(calls.values())
 
 
@@ -315,6 +363,7 @@ class RedisTaskStatusProjector:
         self._settled: list[str] = []
         self._rejected: list[InvalidEntry] = []
         self.in_flight = CallsInFlight(self._apply_one, limit=MAX_IN_FLIGHT)
+        self.projects = ProjectRegistry()
 
     async def prepare(self) -> None:
         pass
@@ -364,10 +413,10 @@ class RedisTaskStatusProjector:
         runs = coalesce(events)
         if self._cluster:  # one pipeline of one call per hash slot
             await self.in_flight.room()
-            calls = calls_by_slot(runs, events)
+            calls = calls_by_slot(runs, events, self.projects)
             self.in_flight.submit(events, list(runs), partial(self._execute, calls))
             return 1
-        chunks = calls_in_chunks(runs, events)
+        chunks = calls_in_chunks(runs, events, self.projects)
         count = 0
         call: _ScriptCall | None = None
         try:
@@ -425,17 +474,20 @@ class RedisTaskStatusProjector:
         """One event's calls, waited for (a refused call's fallback, inside its task)."""
         runs = coalesce([event])
         if self._cluster:
-            return await self._execute(calls_by_slot(runs, [event]))
-        return await self._execute(list(calls_in_chunks(runs, [event])))
+            return await self._execute(calls_by_slot(runs, [event], self.projects))
+        return await self._execute(list(calls_in_chunks(runs, [event], self.projects)))
 
     async def _execute(self, calls: list[_ScriptCall]) -> int:
         """Run script calls: one EVALSHA on a standalone server, one pipeline on a
         cluster. A restarted or failed-over server lost its script cache: load it."""
         try:
-            return await self._evalsha(calls)
+            applied = await self._evalsha(calls)
         except NoScriptError:
             await self.redis.script_load(COMPARE_AND_SET)
-            return await self._evalsha(calls)
+            applied = await self._evalsha(calls)
+        for call in calls:
+            self.projects.written(call.projects)
+        return applied
 
     async def _evalsha(self, calls: list[_ScriptCall]) -> int:
         ttl = self.finished_ttl_seconds
@@ -449,22 +501,22 @@ class RedisTaskStatusProjector:
                 pipe.execute_command(*call.args(self._sha, ttl))
             results: list[list[int]] = await pipe.execute()
         changes = [
-            (call.keys[int(number) - 1], call.items[int(number) - 1][4:])
+            (call.keys[int(number) - 1], call.texts()[int(number) - 1])
             for call, result in zip(calls, results, strict=True)
             for number in result[1:]
         ]
         await self._add_changes(changes)
         return sum(int(result[0]) for result in results)
 
-    async def _add_changes(self, changes: list[tuple[str, list[object]]]) -> None:
+    async def _add_changes(self, changes: list[tuple[str, bytes]]) -> None:
         """Redis Cluster: the changes feed's entries, pipelined right after the script
         calls (the stream is on one slot, the executions on all of them). Lost if the
         connection drops in between: the retried batch finds nothing left to change."""
         if not changes:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key, fields in changes:
-                entry: list[Any] = fields if len(fields) <= CHANGE_FIELDS else ["reload", key]
+            for key, text in changes:
+                entry = [key, text] if len(text) <= CHANGE_BYTES else ["reload", key]
                 pipe.execute_command(
                     "XADD", CHANGES_KEY, "MAXLEN", "~", CHANGES_MAXLEN, "*", *entry
                 )  # fmt: skip

@@ -27,10 +27,12 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
-from sidecar.keys import CHANGES_KEY
+from sidecar.keys import CHANGES_KEY, execution_key
 from sidecar.read.projection import ReadClient, decode_execution
 
 log = logging.getLogger(__name__)
+
+EXECUTION_KEY_PREFIX = execution_key("")
 
 BLOCK_MS = 5000
 READ_COUNT = 1000
@@ -56,13 +58,18 @@ class Change:
 
 
 async def read_change(redis: ReadClient, entry_id: Any, fields: dict[Any, Any]) -> Change:
-    """A feed entry: the written hash's fields, or `reload` and the hash's key for a hash
-    too large to copy (read now: that state, or a newer one)."""
-    row = {_text(k): _text(v) for k, v in fields.items()}
+    """A feed entry: the written execution's key and its item as the projector sent it
+    (`[occurredAtMs, rank, eventId, earlier, field, value, …]`, sidecar.projector), or
+    `reload` and the key for a large one (read now: that state, or a newer one). Entries of
+    the feed's first layout held the hash's fields themselves."""
+    row = {_text(k): v for k, v in fields.items()}
     if "reload" in row:
-        stored: Any = await redis.hgetall(row["reload"])
-        row = {_text(k): _text(v) for k, v in stored.items()}
-    execution = decode_execution(row)
+        stored: Any = await redis.hgetall(_text(row["reload"]))
+        row = stored
+    elif len(row) == 1 and next(iter(row)).startswith(EXECUTION_KEY_PREFIX):
+        item = orjson.loads(next(iter(row.values())))
+        row = dict(zip(item[4::2], item[5::2], strict=True))
+    execution = decode_execution({_text(k): _text(v) for k, v in row.items()})
     project = execution.get("project")
     return Change(_text(entry_id), project if isinstance(project, str) else "", _dumps(execution))
 

@@ -67,18 +67,21 @@ async def get_execution(redis: ReadClient, execution_id: str) -> Execution | Non
 
 
 async def list_projects(redis: ReadClient) -> list[dict[str, Any]]:
-    """Every project with its execution count and latest activity, most recent first."""
-    ranked: Any = await redis.zrange(PROJECTS_KEY, 0, -1, desc=True, withscores=True)
-    projects = [_text(member) for member, _ in ranked]
+    """Every project with its execution count and latest activity (the top score of its
+    index: the projects index only lists the projects), most recent first."""
+    members: Any = await redis.zrevrange(PROJECTS_KEY, 0, -1)  # ACL: ZREVRANGE, not ZRANGE
+    projects = [_text(member) for member in members]
     async with redis.pipeline(transaction=False) as pipe:
         for project in projects:
             pipe.zcard(project_index_key(project))
-        counts: list[int] = await pipe.execute()
-    return [
-        {"project": project, "executionCount": count, "latestActivityMs": int(score)}
-        for project, (_, score), count in zip(projects, ranked, counts, strict=True)
+            pipe.zrevrange(project_index_key(project), 0, 0, withscores=True)
+        replies: list[Any] = await pipe.execute()
+    listed = [
+        {"project": project, "executionCount": count, "latestActivityMs": int(top[0][1])}
+        for project, count, top in zip(projects, replies[0::2], replies[1::2], strict=True)
         if count > 0  # every execution trimmed by retention
     ]
+    return sorted(listed, key=lambda project: -project["latestActivityMs"])
 
 
 async def changes_position(redis: ReadClient) -> str:

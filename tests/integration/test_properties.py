@@ -122,6 +122,9 @@ async def _check(redis_url: str, deliveries: list[dict[str, Any]], batch: int) -
         # A coalesced batch leaves what applying its events one at a time leaves, down to
         # the streamId, and counts the same events as applied.
         await client.flushall()
+        # a fresh projector: one that wrote the projects index before the flush would
+        # add each project again only a minute later (ProjectRegistry)
+        projector = RedisTaskStatusProjector(client, Metrics(), group="property")
         one_by_one = 0
         for event in decoded:
             one_by_one += await projector.apply([event])
@@ -189,14 +192,15 @@ async def _check_large(
 ) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        projector = RedisTaskStatusProjector(
-            client, Metrics(), group="property", finished_ttl_seconds=1000
-        )
         before = [_decoded(n, data) for n, data in enumerate(prior)]
         events = [_decoded(len(prior) + n, data) for n, data in enumerate(batch)]
         results = []
         for one_at_a_time in (False, True):
             await client.flushall()
+            # fresh after the flush: see _check
+            projector = RedisTaskStatusProjector(
+                client, Metrics(), group="property", finished_ttl_seconds=1000
+            )
             for event in before:
                 await projector.apply([event])
             if one_at_a_time:
