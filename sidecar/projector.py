@@ -20,9 +20,13 @@ event, so the projection and the applied/stale counts are those of applying
 every event in turn. It pays off when a batch holds several events of one
 execution (short tasks); otherwise it costs a dict lookup per event.
 
-Items travel as JSON arguments (decoded by the server's cjson): as thousands of
-separate arguments, even packed by hiredis, they cost Python 3 us more per event
-and saved Redis 0.4 us (bench/, the interleaved drain).
+Each item travels as one JSON argument (decoded by the server's cjson), and that text is
+also the changes feed's entry: as thousands of separate arguments, even packed by
+hiredis, the items cost Python 3 us more per event and saved Redis 0.4 us (bench/, the
+interleaved drain). What the script writes per event is what Redis spends most on, so it
+writes nothing per event that a reader can derive: the projects index lists projects
+(`ProjectRegistry`), their counts and latest activity come from their own indexes
+(`python -m bench.redis_cost` counts Redis's instructions per event).
 """
 
 from __future__ import annotations

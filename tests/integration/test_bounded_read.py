@@ -1,0 +1,144 @@
+"""The read of new entries (sidecar.bounded_read), against a real server: a plain
+XREADGROUP whose reply is refused once it outgrows the byte budget, then the entries it
+delivered read again in bounded reads; in the runner, a batch over the budget costs one
+re-read and nothing else (no lost entry, no entry twice, no restart, still ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.bounded_read import BoundedReader, ReplyOverBudget
+from sidecar.connections import connect
+from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
+from sidecar.events import DEAD_LETTER_EVENT_BYTES, Oversized
+from sidecar.metrics import Metrics
+from sidecar.projector import RedisTaskStatusProjector
+from tests.helpers import DEAD_LETTER, PROJECTOR, STREAM, event, group_done, projection, wait_for
+
+MIB = 1024 * 1024
+
+
+def _reader(client: aioredis.Redis, budget: int) -> BoundedReader:
+    return BoundedReader(
+        client,
+        stream=STREAM,
+        group=PROJECTOR,
+        consumer="reader",
+        batch_size=500,
+        max_event_bytes=MIB,
+        budget_bytes=budget,
+    )
+
+
+async def test_a_reply_over_the_budget_is_refused_and_its_entries_read_bounded(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    small = orjson.dumps(event("small", "success"))
+    await redis_client.xgroup_create(STREAM, PROJECTOR, id="0", mkstream=True)
+    first = await redis_client.xadd(STREAM, {"event": small})
+    huge = await redis_client.xadd(STREAM, {"event": b"x" * (20 * MIB)})
+    # two `event` fields: a dict of the fields would keep only the second
+    twice = await redis_client.execute_command("XADD", STREAM, "*", "event", b"A", "event", b"B")
+    client = connect(redis_url)
+    reader = _reader(client, 4 * MIB)
+    try:
+        with pytest.raises(ReplyOverBudget):
+            await reader.read_new(100, asyncio.Event())
+        # what the dropped reply delivered is pending, and comes back bounded
+        entries = await reader.read_own_pending()
+        assert [entry_id for entry_id, _ in entries] == [
+            first.decode(),
+            huge.decode(),
+            twice.decode(),
+        ]
+        assert entries[0][1] == [small]
+        (oversized,) = entries[1][1] or []
+        assert isinstance(oversized, Oversized)
+        assert oversized.size == 20 * MIB
+        assert len(oversized.prefix) == DEAD_LETTER_EVENT_BYTES
+        assert entries[2][1] == [b"A", b"B"]
+        # the client is usable, and the next native read goes on after them
+        late = await redis_client.xadd(STREAM, {"event": small})
+        assert await reader.read_new(100, asyncio.Event()) == [(late.decode(), [small])]
+    finally:
+        await reader.aclose()
+        await client.aclose()
+
+
+async def test_native_reads_see_every_event_field(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    await redis_client.xgroup_create(STREAM, PROJECTOR, id="0", mkstream=True)
+    ids = [
+        await redis_client.execute_command("XADD", STREAM, "*", "event", b"A", "event", b"B"),
+        await redis_client.execute_command("XADD", STREAM, "*", "other", b"x"),
+        await redis_client.execute_command("XADD", STREAM, "*", "other", b"x", "event", b"C"),
+    ]
+    client = connect(redis_url)
+    reader = _reader(client, 16 * MIB)
+    try:
+        entries = await reader.read_new(100, asyncio.Event())
+    finally:
+        await reader.aclose()
+        await client.aclose()
+    assert entries == [
+        (ids[0].decode(), [b"A", b"B"]),
+        (ids[1].decode(), []),
+        (ids[2].decode(), [b"C"]),
+    ]
+
+
+async def test_the_runner_re_reads_a_batch_over_the_budget_and_loses_nothing(
+    redis_url: str, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar")
+    before = [event(f"before-{n}", "success") for n in range(300)]
+    after = [event(f"after-{n}", "success") for n in range(300)]
+    pipe = redis_client.pipeline(transaction=False)
+    for data in before:
+        pipe.xadd(STREAM, {"event": orjson.dumps(data)})
+    # five events just under the limit: valid, and over the 4 MiB budget together
+    near_limit = [
+        {**event(f"near-{n}", "success"), "payload": "y" * (MIB - 1024)} for n in range(5)
+    ]
+    for data in near_limit:
+        pipe.xadd(STREAM, {"event": orjson.dumps(data)})
+    pipe.xadd(STREAM, {"event": b"z" * (20 * MIB)})
+    for data in after:
+        pipe.xadd(STREAM, {"event": orjson.dumps(data)})
+    await pipe.execute()
+
+    client = connect(redis_url)
+    metrics = Metrics()
+    runner = ConsumerGroupRunner(
+        client,
+        stream=STREAM,
+        group=PROJECTOR,
+        consumer="budget",
+        handler=RedisTaskStatusProjector(client, metrics, group=PROJECTOR),
+        metrics=metrics,
+        options=RunnerOptions(block_ms=100, read_budget_bytes=4 * MIB),
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="drained")
+        assert runner.ready.is_set() and runner.failure is None
+    finally:
+        await runner.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+    valid = before + near_limit + after
+    projected = await projection(redis_client, [data["executionId"] for data in valid])
+    for data in valid:
+        assert projected[data["executionId"]]["status"] == "success"
+    dead = await redis_client.xrange(DEAD_LETTER)
+    assert len(dead) == 1 and b"byte limit" in dead[0][1][b"error"]
+    assert "re-reading its entries in bounded reads" in caplog.text
+    applied = metrics.applied.labels(PROJECTOR)._value.get()
+    assert applied == len(before) + len(near_limit) + len(after)  # none applied twice
