@@ -11,9 +11,9 @@ KEY_PREFIX = "task-tracking"
 # the index once retention trims it.
 PROJECTS_KEY = f"{KEY_PREFIX}:projects"
 # Stream of the changes that took effect, one entry per execution the compare-and-set
-# wrote: the written hash's fields (or `reload` and the hash's key, for a hash of very many
-# fields). Capped with MAXLEN ~ CHANGES_MAXLEN; its entry IDs are the SSE ids of
-# /api/v1/changes.
+# wrote: one field, the execution's key, whose value is the JSON item the script wrote it
+# from (sidecar.projector), or `reload` and the key for an item over 64 KiB. Capped with
+# MAXLEN ~ CHANGES_MAXLEN; its entry IDs are the SSE ids of /api/v1/changes.
 CHANGES_KEY = f"{KEY_PREFIX}:changes"
 CHANGES_MAXLEN = 10_000
 # Hash field listing, as a JSON array, the fields of the hash that are JSON-encoded
