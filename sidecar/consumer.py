@@ -171,6 +171,12 @@ class ConsumerGroupRunner:
 
     async def run(self) -> None:
         """Consume until `stop()`; then flush, acknowledge and return."""
+        try:
+            await self._run()
+        finally:
+            await self._reader.aclose()
+
+    async def _run(self) -> None:
         backoff = self.options.backoff_initial
         while True:
             try:
@@ -187,10 +193,8 @@ class ConsumerGroupRunner:
                 backoff = self.options.backoff_initial
                 await self._consume()
                 await self._settle(force=True)
-                await self._reader.aclose()
                 return
             except asyncio.CancelledError:
-                await self._reader.aclose()
                 raise
             except ReplyOverBudget as exc:
                 # What the dropped reply delivered is pending: once what is in hand is
@@ -214,7 +218,6 @@ class ConsumerGroupRunner:
                             "stopping with %d entries unacknowledged; they stay pending",
                             len(self._to_ack) + len(self._invalid),
                         )
-                    await self._reader.aclose()
                     return
 
     async def _consume(self) -> None:

@@ -352,3 +352,23 @@ def check_exactly_once(
     }
     assert missing == 0 and duplicated == 0, figures
     return figures
+
+
+def projector_runner(client: Any, consumer: str, options: Any) -> tuple[Any, Any]:
+    """An in-process projector runner on `STREAM` (`ConsumerGroupRunner`, its `Metrics`),
+    for tests that drive the runner itself rather than `task-tracking run`."""
+    from sidecar.consumer import ConsumerGroupRunner
+    from sidecar.metrics import Metrics
+    from sidecar.projector import RedisTaskStatusProjector
+
+    metrics = Metrics()
+    runner = ConsumerGroupRunner(
+        client,
+        stream=STREAM,
+        group=PROJECTOR,
+        consumer=consumer,
+        handler=RedisTaskStatusProjector(client, metrics, group=PROJECTOR),
+        metrics=metrics,
+        options=options,
+    )
+    return runner, metrics

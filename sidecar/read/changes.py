@@ -62,10 +62,9 @@ async def read_change(redis: ReadClient, entry_id: Any, fields: dict[Any, Any]) 
     (`[occurredAtMs, rank, eventId, earlier, field, value, …]`, sidecar.projector), or
     `reload` and the key for a large one (read now: that state, or a newer one). Entries of
     the feed's first layout held the hash's fields themselves."""
-    row = {_text(k): v for k, v in fields.items()}
+    row: dict[Any, Any] = {_text(k): v for k, v in fields.items()}
     if "reload" in row:
-        stored: Any = await redis.hgetall(_text(row["reload"]))
-        row = stored
+        row = await redis.hgetall(_text(row["reload"]))
     elif len(row) == 1 and next(iter(row)).startswith(EXECUTION_KEY_PREFIX):
         item = orjson.loads(next(iter(row.values())))
         row = dict(zip(item[4::2], item[5::2], strict=True))

@@ -15,11 +15,18 @@ import redis.asyncio as aioredis
 
 from sidecar.bounded_read import BoundedReader, ReplyOverBudget
 from sidecar.connections import connect
-from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
+from sidecar.consumer import RunnerOptions
 from sidecar.events import DEAD_LETTER_EVENT_BYTES, Oversized
-from sidecar.metrics import Metrics
-from sidecar.projector import RedisTaskStatusProjector
-from tests.helpers import DEAD_LETTER, PROJECTOR, STREAM, event, group_done, projection, wait_for
+from tests.helpers import (
+    DEAD_LETTER,
+    PROJECTOR,
+    STREAM,
+    event,
+    group_done,
+    projection,
+    projector_runner,
+    wait_for,
+)
 
 MIB = 1024 * 1024
 
@@ -115,16 +122,8 @@ async def test_the_runner_re_reads_a_batch_over_the_budget_and_loses_nothing(
     await pipe.execute()
 
     client = connect(redis_url)
-    metrics = Metrics()
-    runner = ConsumerGroupRunner(
-        client,
-        stream=STREAM,
-        group=PROJECTOR,
-        consumer="budget",
-        handler=RedisTaskStatusProjector(client, metrics, group=PROJECTOR),
-        metrics=metrics,
-        options=RunnerOptions(block_ms=100, read_budget_bytes=4 * MIB),
-    )
+    options = RunnerOptions(block_ms=100, read_budget_bytes=4 * MIB)
+    runner, metrics = projector_runner(client, "budget", options)
     task = asyncio.create_task(runner.run())
     try:
         await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="drained")

@@ -19,6 +19,7 @@ from tests.helpers import (
     group_done,
     group_pending,
     projection,
+    projector_runner,
     publish,
     running_sidecar,
     sidecar_env,
@@ -151,21 +152,10 @@ async def test_an_idle_consumer_stops_without_waiting_for_its_blocking_read(
 ) -> None:
     """The idle wait delivers nothing, so stop cuts it short; the client stays usable."""
     from sidecar.connections import connect
-    from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
-    from sidecar.metrics import Metrics
-    from sidecar.projector import RedisTaskStatusProjector
+    from sidecar.consumer import RunnerOptions
 
     client = connect(redis_url)
-    metrics = Metrics()
-    runner = ConsumerGroupRunner(
-        client,
-        stream=STREAM,
-        group=PROJECTOR,
-        consumer="idle",
-        handler=RedisTaskStatusProjector(client, metrics, group=PROJECTOR),
-        metrics=metrics,
-        options=RunnerOptions(block_ms=5000),
-    )
+    runner, _ = projector_runner(client, "idle", RunnerOptions(block_ms=5000))
     task = asyncio.create_task(runner.run())
     try:
         await wait_for(runner.ready.is_set, message="ready")
