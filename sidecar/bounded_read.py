@@ -212,14 +212,23 @@ class BoundedReader:
     async def read_native(self) -> tuple[list[StreamEntry], str]:
         """New entries with a plain XREADGROUP (raises `ReplyOverBudget`); when there were
         none, the stream's last ID to wait from."""
+        entries = await self._read_native()
+        if entries:
+            return entries, ""
+        last: Any = await self.redis.xrevrange(self.stream, "+", "-", count=1)
+        # An entry added between that read and XREVRANGE is at or before `last`, so a wait
+        # from `last` would not see it (the script did both at once): read once more.
+        entries = await self._read_native()
+        return entries, "" if entries else last[0][0].decode() if last else "0-0"
+
+    async def _read_native(self) -> list[StreamEntry]:
         native: Any = self._native
         reply: Any = await native.execute_command("XREADGROUP", *self._native_args)
         if isinstance(reply, dict):  # RESP3: {stream: entries}
             reply = list(reply.items())
         if not reply or not reply[0][1]:
-            last: Any = await self.redis.xrevrange(self.stream, "+", "-", count=1)
-            return [], last[0][0].decode() if last else "0-0"
-        return [(entry_id.decode(), _event_values(fields)) for entry_id, fields in reply[0][1]], ""
+            return []
+        return [(entry_id.decode(), _event_values(fields)) for entry_id, fields in reply[0][1]]
 
     async def read_new(self, block_ms: int, stopping: asyncio.Event) -> list[StreamEntry]:
         """New entries for this consumer; when there are none, wait up to `block_ms` for

@@ -141,3 +141,34 @@ async def test_the_runner_re_reads_a_batch_over_the_budget_and_loses_nothing(
     assert "re-reading its entries in bounded reads" in caplog.text
     applied = metrics.applied.labels(PROJECTOR)._value.get()
     assert applied == len(before) + len(near_limit) + len(after)  # none applied twice
+
+
+async def test_an_entry_added_while_the_reader_looks_for_the_end_is_not_waited_for(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Between an empty read and XREVRANGE an entry may arrive: the wait that follows
+    starts after it, so the reader must read again first instead of blocking."""
+    await redis_client.xgroup_create(STREAM, PROJECTOR, id="0", mkstream=True)
+    client = connect(redis_url)
+    reader = _reader(client, 16 * MIB)
+    original = client.xrevrange
+    waits: list[object] = []
+    added: list[bytes] = []
+
+    async def arriving_meanwhile(*args: object, **kwargs: object) -> object:
+        added.append(await redis_client.xadd(STREAM, {"event": b"late"}))
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def recorded_wait(*args: object, **kwargs: object) -> object:
+        waits.append(args)
+        return None
+
+    client.xrevrange = arriving_meanwhile  # type: ignore[method-assign]
+    client.xread = recorded_wait  # type: ignore[method-assign]
+    try:
+        entries = await reader.read_new(60_000, asyncio.Event())
+    finally:
+        await reader.aclose()
+        await client.aclose()
+    assert entries == [(added[0].decode(), [b"late"])]
+    assert waits == []  # never blocked past it
