@@ -216,10 +216,7 @@ class BoundedReader:
         if entries:
             return entries, ""
         last: Any = await self.redis.xrevrange(self.stream, "+", "-", count=1)
-        # An entry added between that read and XREVRANGE is at or before `last`, so a wait
-        # from `last` would not see it (the script did both at once): read once more.
-        entries = await self._read_native()
-        return entries, "" if entries else last[0][0].decode() if last else "0-0"
+        return [], last[0][0].decode() if last else "0-0"
 
     async def _read_native(self) -> list[StreamEntry]:
         native: Any = self._native
@@ -235,7 +232,11 @@ class BoundedReader:
         the stream to grow (or for `stopping`), then read."""
         read = self.read_native if self._native is not None else partial(self.read, ">")
         entries, wait_from = await read()
-        if entries or not wait_from:
+        if entries or not wait_from or stopping.is_set():
+            return entries
+        # An entry added between the empty read and XREVRANGE is at or before `wait_from`,
+        # so the wait would not see it (the script did both at once): read once more.
+        if self._native is not None and (entries := await self._read_native()):
             return entries
         # Only a wake-up: what it returns (one entry) is read again through the group. It
         # delivers nothing, so a stop cuts it short (redis-py drops a connection whose
