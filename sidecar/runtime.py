@@ -12,21 +12,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from sidecar.archive_switch import ArchiveSwitch, S3Clients, runner_options
 from sidecar.config import ArchiveConfig, RetentionConfig, Settings
 from sidecar.connections import connect
 from sidecar.consumer import ConsumerGroupRunner
 from sidecar.health import LoopWatchdog
-from sidecar.http import start_server
+from sidecar.http import HealthServer
 from sidecar.metrics import Metrics
 from sidecar.projector import RedisTaskStatusProjector
 from sidecar.resource import ArchiveState, ResourceSpec
 from sidecar.retention import StreamRetention
 from sidecar.stream_stats import StreamStatsSampler
+
+if TYPE_CHECKING:
+    from aiohttp import web  # the read API's, imported only when it is enabled
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,14 @@ class Sidecar:
         self.api_port: int | None = None  # the read API's, when TASK_TRACKING_API_ENABLED
         self._api: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._http: web.AppRunner | None = None
+        self._http = HealthServer(self)
         self.loop_stall_seconds = LOOP_STALL_SECONDS
         self.watchdog = LoopWatchdog(self.metrics.event_loop_lag, warn_after=LOOP_STALL_SECONDS)
 
     # ---- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        self._http, self.http_port = await start_server(
-            self, self.settings.http_host, self.settings.http_port
-        )
+        self.http_port = await self._http.start(self.settings.http_host, self.settings.http_port)
         if self.settings.api_enabled:
             from sidecar.read.app import start_api
 
@@ -168,8 +167,7 @@ class Sidecar:
         if self._api is not None:  # SSE clients are cut: they resume from their last id
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._api.cleanup(), left(1.0))
-        if self._http is not None:
-            await self._http.cleanup()
+        await self._http.close()
         for close in (self.s3_clients.close(), self.redis.aclose()):
             # a server that does not answer: exit anyway
             with contextlib.suppress(TimeoutError, OSError):

@@ -140,7 +140,7 @@ async def test_at_the_cap_waiting_connections_give_way_and_one_line_is_logged(
     monkeypatch.setattr(sidecar_http, "MAX_CONNECTIONS", cap)
     caplog.set_level(logging.INFO, logger="sidecar.http")
     async with running_sidecar(redis_url) as sidecar:
-        guard = sidecar._http.app[sidecar_http.GUARD_KEY]
+        guard = sidecar._http.guard
         port = sidecar.http_port
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3 * cap)]
         await wait_for(lambda: refused(sidecar, "displaced") >= 2 * cap, message="displaced")
@@ -299,10 +299,97 @@ def test_the_bind_address_is_a_setting(redis_url: str) -> None:
 
 async def test_the_server_listens_only_on_the_configured_address(redis_url: str) -> None:
     async with running_sidecar(redis_url, http_host="127.0.0.1") as sidecar:
-        listening = [s for s in sidecar._http.sites if isinstance(s, sidecar_http.GuardedSite)]
-        assert listening and listening[0].name == f"http://127.0.0.1:{sidecar.http_port}"
+        assert sidecar._http.name == f"http://127.0.0.1:{sidecar.http_port}"
         assert await status_of(sidecar.http_port) == 200
         # Another local address of this machine is not served (connect refused).
         with socket.socket() as other:
             other.settimeout(2)
             assert other.connect_ex(("127.0.0.2", sidecar.http_port)) != 0
+
+
+# ---- the protocol ------------------------------------------------------------
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of the next response on the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
+async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_honoured(
+    redis_url: str,
+) -> None:
+    async with running_sidecar(redis_url) as sidecar:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.http_port)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nowhere?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /healthz?verbose HTTP/1.1\nHost: x\nConnection: close\n\n"  # bare LFs
+        )
+        head, body = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"ok": True}
+        head = await reader.readuntil(b"\r\n\r\n")  # HEAD: the length, no body
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 0" not in head.lower()
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 404")
+        head, body = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+        assert await reader.read() == b""  # closed after the last answer
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.http_port)
+        writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")  # 1.0 without keep-alive: closed
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.read() == b""
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"garbage\r\n\r\n", b"400"),
+        (b"GET /healthz SPDY/3\r\n\r\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"y" * 20_000, b"431"),
+        (b"POST /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", b"405"),
+    ],
+    ids=["not-http", "other-protocol", "bad-field", "too-many-fields", "too-large", "body"],
+)
+async def test_a_bad_request_gets_its_status_and_the_connection_is_closed(
+    redis_url: str, request_bytes: bytes, status: bytes
+) -> None:
+    async with running_sidecar(redis_url) as sidecar:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.http_port)
+        writer.write(request_bytes)
+        head, _ = await read_response(reader)
+        assert head.split(b" ")[1] == status, head
+        assert await closed_by_server(reader, timeout=5) < 2
+        writer.close()
+        assert await status_of(sidecar.http_port) == 200
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_answered_without_bound(
+    redis_url: str,
+) -> None:
+    async with running_sidecar(redis_url) as sidecar:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.http_port)
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(200):  # ~4 MB of answers asked for (~20 KB each), none read
+            writer.write(request * 10)
+            await writer.drain()
+            await asyncio.sleep(0)
+        [connection] = sidecar._http.guard.connections
+        assert connection.unsent_bytes < 1024 * 1024  # paused, not buffered in the server
+        answered = 0
+        while answered < 2000:  # every answer arrives once the client reads
+            head, _ = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200")
+            answered += 1
+        writer.close()
