@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.events import EventLimits
 
@@ -147,14 +146,16 @@ class RetentionConfig(_Model):
         return environment.model_copy(update=self.model_dump(exclude_unset=True))
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """The sidecar's configuration, read from `TASK_TRACKING_*` environment variables.
 
     A flat field is the variable of its name; `archive` and `retention` are filled by the
-    variables `ENVIRONMENT` maps into them.
+    variables `ENVIRONMENT` maps into them. `load_settings` reads the environment (a plain
+    model: pydantic-settings' sources would cost 2 MiB of every pod's memory for a mapping
+    this module has to write anyway).
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
 
     redis_url: str
     redis_stream_key: str = Field("task-events:v1", min_length=1)
