@@ -12,9 +12,11 @@ conversion of a reply to Lua and back costs it about twice the native read (23k
 instructions per entry more, callgrind; bench/). On Redis Cluster every read takes the
 script.
 
-When nothing new is there, the consumer waits for the stream to grow with a plain `XREAD
-BLOCK` (a wake-up that delivers nothing, so a stop can cut it short), then reads through
-the group again.
+The native read blocks in Redis (`XREADGROUP BLOCK`), which hands it new entries as they
+are added. A stop cuts it short (`interrupt`): its connection is dropped, and whatever
+Redis may have handed it meanwhile is read again from the pending list. Through the
+script (Redis Cluster), the consumer waits with a plain `XREAD BLOCK`, a wake-up that
+delivers nothing, then reads through the group again.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ end
 return {out, wait_from}
 """
 READ_BOUNDED_SHA = hashlib.sha1(READ_BOUNDED.encode()).hexdigest()
+# How long a stop waits for a blocked read it cut short to return.
+INTERRUPT_SECONDS = 1.0
 # What one read may return, at most (besides one value of the longest size).
 READ_BUDGET_BYTES = 16 * 1024 * 1024
 
@@ -174,6 +178,8 @@ class BoundedReader:
         self._native = (
             None if isinstance(redis, RedisCluster) else _native_client(redis, budget + framing)
         )
+        self._blocked: asyncio.Future[list[StreamEntry]] | None = None
+        self.interrupted = False  # a blocked read was cut short: re-read the pending list
 
     async def aclose(self) -> None:
         if self._native is not None:
@@ -209,18 +215,10 @@ class BoundedReader:
             cursor = page[-1][0]
         return entries
 
-    async def read_native(self) -> tuple[list[StreamEntry], str]:
-        """New entries with a plain XREADGROUP (raises `ReplyOverBudget`); when there were
-        none, the stream's last ID to wait from."""
-        entries = await self._read_native()
-        if entries:
-            return entries, ""
-        last: Any = await self.redis.xrevrange(self.stream, "+", "-", count=1)
-        return [], last[0][0].decode() if last else "0-0"
-
-    async def _read_native(self) -> list[StreamEntry]:
+    async def _read_native(self, block_ms: int | None = None) -> list[StreamEntry]:
         native: Any = self._native
-        reply: Any = await native.execute_command("XREADGROUP", *self._native_args)
+        args = self._native_args if block_ms is None else ["BLOCK", block_ms, *self._native_args]
+        reply: Any = await native.execute_command("XREADGROUP", *args)
         if isinstance(reply, dict):  # RESP3: {stream: entries}
             reply = list(reply.items())
         if not reply or not reply[0][1]:
@@ -229,18 +227,45 @@ class BoundedReader:
 
     async def read_new(self, block_ms: int, stopping: asyncio.Event) -> list[StreamEntry]:
         """New entries for this consumer; when there are none, wait up to `block_ms` for
-        the stream to grow (or for `stopping`), then read."""
-        read = self.read_native if self._native is not None else partial(self.read, ">")
-        entries, wait_from = await read()
+        some (or for `stopping`, or `interrupt()`)."""
+        if self._native is None:
+            return await self._read_scripted(block_ms, stopping)
+        if stopping.is_set():
+            return await self._read_native()
+        # Redis hands new entries to a blocked XREADGROUP as they are added: no wake-up
+        # and second read between an event's arrival and its reading.
+        blocked = self._blocked = asyncio.ensure_future(self._read_native(block_ms))
+        try:
+            await asyncio.wait({blocked})
+        finally:
+            self._blocked = None
+            if not blocked.done():  # this read was cancelled: so is its command
+                blocked.cancel()
+        if self.interrupted and not blocked.cancelled() and blocked.exception() is not None:
+            return []  # interrupt() closed its connection
+        return blocked.result()
+
+    async def interrupt(self) -> None:
+        """Cut a blocked read short (a stop must not wait for the block time) by closing
+        its connection. Redis may have handed that read entries it never returned: they
+        are pending for this consumer, and `interrupted` says to read the pending list
+        again before stopping."""
+        blocked = self._blocked
+        if blocked is None or blocked.done() or self._native is None:
+            return
+        self.interrupted = True  # before the runner, woken by the close, looks
+        # Closing the socket ends the read at once, even on a frozen server (a cancelled
+        # command waited out the socket timeout there).
+        await self._native.connection_pool.disconnect()
+        await asyncio.wait({blocked}, timeout=INTERRUPT_SECONDS)
+
+    async def _read_scripted(self, block_ms: int, stopping: asyncio.Event) -> list[StreamEntry]:
+        """`read_new` through the script (Redis Cluster), waiting with a plain `XREAD
+        BLOCK`: a wake-up that delivers nothing, so a stop cuts it short."""
+        entries, wait_from = await self.read(">")
         if entries or not wait_from or stopping.is_set():
             return entries
-        # An entry added between the empty read and XREVRANGE is at or before `wait_from`,
-        # so the wait would not see it (the script did both at once): read once more.
-        if self._native is not None and (entries := await self._read_native()):
-            return entries
-        # Only a wake-up: what it returns (one entry) is read again through the group. It
-        # delivers nothing, so a stop cuts it short (redis-py drops a connection whose
-        # command was cancelled): stopping an idle consumer does not wait for the block.
+        # Only a wake-up: what it returns (one entry) is read again through the group.
         wake = asyncio.ensure_future(
             self.redis.xread({self.stream: wait_from}, count=1, block=block_ms)
         )
@@ -254,4 +279,4 @@ class BoundedReader:
         wake.result()  # a lost connection, say
         if stopping.is_set():  # stopped meanwhile: read nothing more
             return []
-        return (await read())[0]
+        return (await self.read(">"))[0]

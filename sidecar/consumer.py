@@ -193,6 +193,9 @@ class ConsumerGroupRunner:
                 backoff = self.options.backoff_initial
                 await self._consume()
                 await self._settle(force=True)
+                if self._reader.interrupted:  # what the cut read may have been handed
+                    await self._recover_own_pending()
+                    await self._settle(force=True)
                 return
             except asyncio.CancelledError:
                 raise
@@ -252,8 +255,10 @@ class ConsumerGroupRunner:
         return await self._decoder.decode_in_slices(entries)
 
     async def stop(self) -> None:
-        """Ask the loop to stop reading; `run()` returns once the batch in hand is settled."""
+        """Ask the loop to stop reading; `run()` returns once the batch in hand is settled.
+        A read blocked waiting for entries is cut short: nothing is read after this."""
         self._stopping.set()
+        await self._reader.interrupt()
 
     async def _wait_stopping(self, seconds: float) -> bool:
         try:

@@ -143,32 +143,84 @@ async def test_the_runner_re_reads_a_batch_over_the_budget_and_loses_nothing(
     assert applied == len(before) + len(near_limit) + len(after)  # none applied twice
 
 
-async def test_an_entry_added_while_the_reader_looks_for_the_end_is_not_waited_for(
+async def blocked_on_xreadgroup(client: aioredis.Redis, name: str) -> bool:
+    """A client of that name is blocked in XREADGROUP (CLIENT LIST: flag b)."""
+    clients = await client.client_list()
+    return any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients if c)
+
+
+async def test_an_entry_added_while_the_reader_waits_is_returned_by_that_read(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    """Between an empty read and XREVRANGE an entry may arrive: the wait that follows
-    starts after it, so the reader must read again first instead of blocking."""
     await redis_client.xgroup_create(STREAM, PROJECTOR, id="0", mkstream=True)
     client = connect(redis_url)
     reader = _reader(client, 16 * MIB)
-    original = client.xrevrange
-    waits: list[object] = []
-    added: list[bytes] = []
-
-    async def arriving_meanwhile(*args: object, **kwargs: object) -> object:
-        added.append(await redis_client.xadd(STREAM, {"event": b"late"}))
-        return await original(*args, **kwargs)  # type: ignore[arg-type]
-
-    async def recorded_wait(*args: object, **kwargs: object) -> object:
-        waits.append(args)
-        return None
-
-    client.xrevrange = arriving_meanwhile  # type: ignore[method-assign]
-    client.xread = recorded_wait  # type: ignore[method-assign]
     try:
-        entries = await reader.read_new(60_000, asyncio.Event())
+        reading = asyncio.ensure_future(reader.read_new(60_000, asyncio.Event()))
+        await wait_for(lambda: blocked_on_xreadgroup(redis_client, ""), message="blocked")
+        added = await redis_client.xadd(STREAM, {"event": b"late"})
+        async with asyncio.timeout(10):  # not the 60 s block: Redis hands it over at once
+            entries = await reading
     finally:
         await reader.aclose()
         await client.aclose()
-    assert entries == [(added[0].decode(), [b"late"])]
-    assert waits == []  # never blocked past it
+    assert entries == [(added.decode(), [b"late"])]
+
+
+async def test_stopping_cuts_a_blocked_read_short_and_nothing_is_read_after(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    client = connect(redis_url)
+    runner, _ = projector_runner(client, "idle", RunnerOptions(block_ms=5000))
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_for(lambda: blocked_on_xreadgroup(redis_client, ""), message="blocked")
+        async with asyncio.timeout(4):  # well inside the 5 s block
+            await runner.stop()
+            await task
+        await redis_client.xadd(STREAM, {"event": orjson.dumps(event("after-stop"))})
+    finally:
+        await client.aclose()
+    [group] = await redis_client.xinfo_groups(STREAM)
+    assert group["pending"] == 0 and group["lag"] == 1  # the entry after stop is unread
+
+
+async def test_entries_handed_to_a_read_cut_short_are_read_again_before_stopping(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The cut read's connection is dropped: had Redis handed it entries, they would be
+    pending for this consumer, unseen. The runner re-reads its pending list on the way out."""
+    client = connect(redis_url)
+    runner, _ = projector_runner(client, "cut", RunnerOptions(block_ms=5000))
+    reader = runner._reader
+    original = reader._read_native
+
+    async def handed_over_then_lost(block_ms: int | None = None) -> list[object]:
+        if block_ms is None:
+            return await original()
+        # Redis delivers the entries to this consumer, the reply never reaches the
+        # runner, and the read blocks on (until stop() closes its connection)
+        await redis_client.xreadgroup(PROJECTOR, "cut", {STREAM: ">"})
+        return await original(block_ms)
+
+    ids = [
+        await redis_client.xadd(STREAM, {"event": orjson.dumps(event(f"lost-{n}", "success"))})
+        for n in range(3)
+    ]
+    await redis_client.xgroup_create(STREAM, PROJECTOR, id="0")
+    reader._read_native = handed_over_then_lost  # type: ignore[method-assign]
+    task = asyncio.create_task(runner.run())
+    try:
+        await wait_for(lambda: group_pending(redis_client, 3), message="the entries handed over")
+        await runner.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await client.aclose()
+    assert await group_done(redis_client, STREAM, PROJECTOR), ids
+    projected = await projection(redis_client, [f"lost-{n}" for n in range(3)])
+    assert all(row["status"] == "success" for row in projected.values()), projected
+
+
+async def group_pending(client: aioredis.Redis, count: int) -> bool:
+    [group] = await client.xinfo_groups(STREAM)
+    return bool(group["pending"] == count)
