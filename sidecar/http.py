@@ -304,6 +304,7 @@ class HttpConnection(asyncio.Protocol):
         self._paused = True
         if self._transport is not None:
             self._transport.pause_reading()
+        self._await_keepalive()  # a client that never reads again is closed in the end
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -337,7 +338,7 @@ class HttpConnection(asyncio.Protocol):
             self.busy_until = time.monotonic() + BUSY_SECONDS
             self._guard.began_request(self)
             self._answer(header)
-            if self._buffer and not self._closing:
+            if self._buffer and not self._closing and not self._paused:
                 self._await_header()  # a pipelined request has begun
 
     def _answer(self, header: bytes) -> None:
@@ -368,14 +369,23 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._transport is not None:
             self._transport.close()  # after what is written has gone out
+            if self.unsent_bytes:  # unless the client never takes it
+                self._set_timer(self._guard.keepalive_timeout, self.abort)
 
     def _await_header(self) -> None:
         self._set_timer(self._guard.header_timeout, self._header_late)
         self._waiting_for_header = True
 
     def _await_keepalive(self) -> None:
-        self._set_timer(self._guard.keepalive_timeout, self._close)
+        self._set_timer(self._guard.keepalive_timeout, self._idle_too_long)
         self._waiting_for_header = False
+
+    def _idle_too_long(self) -> None:
+        self._timer = None
+        if self.unsent_bytes:  # close() would wait for a client that does not read
+            self.abort()
+        else:
+            self._close()
 
     def _header_late(self) -> None:
         self._timer = None

@@ -393,3 +393,16 @@ async def test_a_client_that_does_not_read_its_answers_is_not_answered_without_b
             assert head.startswith(b"HTTP/1.1 200")
             answered += 1
         writer.close()
+
+
+async def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_time(
+    redis_url: str, short_limits: None
+) -> None:
+    async with running_sidecar(redis_url) as sidecar:
+        _, writer = await asyncio.open_connection("127.0.0.1", sidecar.http_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)  # never read
+        guard = sidecar._http.guard
+        await wait_for(lambda: guard.open_connections == 1, message="connected")
+        await wait_for(lambda: guard.open_connections == 0, timeout=10, message="closed")
+        assert refused(sidecar, "header_timeout") == 0  # closed as idle, not as slow
+        writer.close()
