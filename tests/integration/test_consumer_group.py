@@ -150,7 +150,8 @@ async def _has_group(client: aioredis.Redis) -> bool:
 async def test_an_idle_consumer_stops_without_waiting_for_its_blocking_read(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    """The idle wait delivers nothing, so stop cuts it short; the client stays usable."""
+    """Stop cuts the blocked read short and nothing is read after it; the client stays
+    usable."""
     from sidecar.connections import connect
     from sidecar.consumer import RunnerOptions
 
@@ -159,12 +160,14 @@ async def test_an_idle_consumer_stops_without_waiting_for_its_blocking_read(
     task = asyncio.create_task(runner.run())
     try:
         await wait_for(runner.ready.is_set, message="ready")
-        await wait_for(lambda: _blocked_clients(redis_client), message="blocked in XREAD")
+        await wait_for(lambda: _blocked_clients(redis_client), message="blocked in its read")
         await runner.stop()
         # well inside the 5 s block: the wait was cut, not waited out
         await asyncio.wait_for(task, 2.5)
         await publish(redis_client, STREAM, [event("after", "success")])
         assert await client.xlen(STREAM) == 1  # the shared client still works
+        [group] = await redis_client.xinfo_groups(STREAM)
+        assert group["pending"] == 0 and group["lag"] == 1  # the entry after stop: unread
     finally:
         task.cancel()
         await client.aclose()
