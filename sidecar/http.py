@@ -324,22 +324,24 @@ class HttpConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _answer_complete_requests(self) -> None:
+        start = 0  # of the next request: the buffer is cut once, not after each request
         while not self._paused and not self._closing:
-            end = _end_of_header(self._buffer)
+            end = _end_of_header(self._buffer, start)
             if end < 0:
-                if len(self._buffer) > MAX_HEADER_BYTES:
+                if len(self._buffer) - start > MAX_HEADER_BYTES:
                     self._respond(_text(431, "431: Request Header Fields Too Large"), b"GET")
                     self._close()
-                elif not self._buffer:
+                elif start == len(self._buffer):
                     self._await_keepalive()
-                return
-            header, self._buffer = self._buffer[:end], self._buffer[end:]
+                break
+            header, start = self._buffer[start:end], end
             self._cancel_timer()
             self.busy_until = time.monotonic() + BUSY_SECONDS
             self._guard.began_request(self)
             self._answer(header)
-            if self._buffer and not self._closing and not self._paused:
+            if start < len(self._buffer) and not self._closing and not self._paused:
                 self._await_header()  # a pipelined request has begun
+        self._buffer = self._buffer[start:]
 
     def _answer(self, header: bytes) -> None:
         request = _parse(header)
@@ -402,9 +404,10 @@ class HttpConnection(asyncio.Protocol):
             self._timer = None
 
 
-def _end_of_header(buffer: bytes) -> int:
-    """Index just past the first blank line in `buffer` (CRLF or bare LF), -1 when absent."""
-    crlf, lf = buffer.find(b"\r\n\r\n"), buffer.find(b"\n\n")
+def _end_of_header(buffer: bytes, start: int) -> int:
+    """Index just past the first blank line in `buffer` from `start` (CRLF or bare LF), -1
+    when absent."""
+    crlf, lf = buffer.find(b"\r\n\r\n", start), buffer.find(b"\n\n", start)
     ends = [at + n for at, n in ((crlf, 4), (lf, 2)) if at >= 0]
     return min(ends) if ends else -1
 
