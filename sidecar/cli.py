@@ -225,20 +225,20 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> None:
     """Run a sidecar until SIGTERM or SIGINT, then drain and return."""
-    from sidecar.runtime import Sidecar, run_until_signalled
+    from sidecar import allocator
+    from sidecar.runtime import Sidecar
 
+    allocator.pin_mmap_threshold()  # before the archiver's buffers: see the module
     eventloop.tune_garbage_collector()  # after the imports: they live until exit
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         eventloop.add_signal_handler(signum, stop.set)  # remembered: kopf replaces it
     sidecar = Sidecar(settings)
-    if on_started is None:
-        await run_until_signalled(sidecar, stop)
-        return
     await sidecar.start()
     try:
-        on_started()
+        if on_started is not None:
+            on_started()
         await stop.wait()
     finally:
         await sidecar.stop()

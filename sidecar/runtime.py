@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from sidecar import allocator
 from sidecar.archive_switch import ArchiveSwitch, S3Clients, runner_options
 from sidecar.config import ArchiveConfig, RetentionConfig, Settings
 from sidecar.connections import connect
@@ -132,6 +133,7 @@ class Sidecar:
         # could be trimmed behind the projector only, under entries the archiver needs.
         self._spawn("retention", self.retention.run)
         await self._start_watch()
+        allocator.release_free_memory()  # what the imports and the start left free
         log.info(
             "sidecar started: stream %s, consumer %s, http :%s",
             self.settings.redis_stream_key,
@@ -255,7 +257,9 @@ class Sidecar:
 
     async def apply_archive_target(self, target: ArchiveConfig | None) -> str | None:
         """Switch archival; None goes back to the environment. Returns why it was refused."""
-        return await self.archive.apply(self.settings.archive if target is None else target)
+        error = await self.archive.apply(self.settings.archive if target is None else target)
+        allocator.release_free_memory()  # a switch loads (or drops) an S3 client and its data
+        return error
 
     async def apply_archive_spec(self, spec: ResourceSpec | None) -> ArchiveState:
         """The custom resource's path into `apply_archive_target` (an `ArchiveControl`):
@@ -279,12 +283,3 @@ class Sidecar:
         self.projector.finished_ttl_seconds = retention.projection_ttl_seconds
         self.retention.index_max_age_days = retention.project_index_max_age_days
         self.retention.index_max_size = retention.project_index_max_size
-
-
-async def run_until_signalled(sidecar: Sidecar, stop: asyncio.Event) -> None:
-    """Start, wait for `stop`, stop."""
-    await sidecar.start()
-    try:
-        await stop.wait()
-    finally:
-        await sidecar.stop()
