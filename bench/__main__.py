@@ -17,7 +17,7 @@ import orjson
 
 from bench import cases, footprint, read, scaleout
 from bench.servers import MotoServer
-from sidecar import eventloop
+from sidecar import allocator, eventloop
 from sidecar.devserver import DevServer
 
 RESULTS = Path(__file__).parent / "results"
@@ -29,6 +29,7 @@ def main() -> int:
     args = parser.parse_args()
     small = args.quick
     # The workers run in this process: set it up as `task-tracking run` sets up its own.
+    allocator.pin_mmap_threshold()
     eventloop.tune_garbage_collector()
     rows: list[cases.Row] = []
     started = time.monotonic()

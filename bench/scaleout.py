@@ -24,7 +24,7 @@ from bench import ceiling
 from bench.cases import Row, fresh
 from bench.drain import projector
 from bench.workload import PROJECTOR_GROUP, STREAM, encoded, prefill
-from sidecar import eventloop
+from sidecar import allocator, eventloop
 from sidecar.connections import connect
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.devserver import DevServer
@@ -34,7 +34,8 @@ REPLICAS = (1, 2, 4)
 
 
 def _replica(url: str, name: str, ready: Any, go: Any, stop: Any) -> None:
-    eventloop.tune_garbage_collector()  # as `task-tracking run` sets itself up
+    allocator.pin_mmap_threshold()  # as `task-tracking run` sets itself up
+    eventloop.tune_garbage_collector()
     eventloop.run(_consume(url, name, ready, go, stop))
 
 

@@ -5,8 +5,8 @@ written. glibc serves such a block with its own `mmap`, but the first time one i
 it raises its mmap threshold to that size (up to 32 MiB), so the next ones come from the
 heap, and a heap with live objects above the freed space does not shrink: the process
 keeps its largest burst for good. Pinning the threshold (at 512 KiB) keeps large blocks
-in their own mappings, returned when freed; `release_free_memory` gives back
-the heap's free pages after the start, whose imports leave holes.
+in their own mappings, returned when freed. `release_free_memory` gives back the heap's
+free pages after the start (whose imports leave holes) and after an archive switch.
 
 `python -m bench.soak --minutes 3` (2,000 events/s, archival on): max RSS 94.1 MiB before,
 86.0 pinned at 128 KiB, 89.1 at 512 KiB; between flushes it falls back to about 77 instead
@@ -37,12 +37,12 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
-def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Serve blocks of `threshold` bytes and more from their own mappings for the life of
-    the process; False where that cannot be set."""
+def pin_mmap_threshold() -> bool:
+    """Serve blocks of 512 KiB and more from their own mappings for the life of the
+    process; False where that cannot be set."""
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, threshold))
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_free_memory() -> None:
