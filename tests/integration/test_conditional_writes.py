@@ -23,6 +23,7 @@ from tests.helpers import (
     check_exactly_once,
     event,
     group_done,
+    group_read_all,
     publish,
     running_sidecar,
     wait_for,
@@ -98,6 +99,8 @@ async def test_a_sidecar_behind_a_stripping_proxy_falls_back_and_says_so(
             assert 'task_tracking_archive_conditional_writes{mode="check_before_write"} 1.0' in (
                 scrape
             )
+            # read before the stop, whose final flush writes it (a stop cuts a waiting read)
+            await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER), message="read")
         await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), message="archived")
     warnings = [
         r.getMessage()
@@ -139,6 +142,7 @@ async def test_the_setting_forces_a_mode_without_probing(
     ) as sidecar:
         await wait_for(lambda: sidecar.archive.conditional_writes is not None)
         assert sidecar.archive.conditional_writes == forced
+        await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER), message="read")
     await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), message="archived")
     assert not [r for r in stripping_proxy.requests if "/.probe/" in r]
     heads = [r for r in stripping_proxy.requests if r.startswith("HEAD /archive/task-tracking/")]
