@@ -86,8 +86,10 @@ end
 return {out, wait_from}
 """
 READ_BOUNDED_SHA = hashlib.sha1(READ_BOUNDED.encode()).hexdigest()
-# How long a stop waits for a blocked read it cut short to return.
+# How long a stop waits for a blocked read it cut short to return, closing its
+# connection again at this interval.
 INTERRUPT_SECONDS = 1.0
+INTERRUPT_RETRY_SECONDS = 0.05
 # What one read may return, at most (besides one value of the longest size).
 READ_BUDGET_BYTES = 16 * 1024 * 1024
 
@@ -217,6 +219,8 @@ class BoundedReader:
 
     async def _read_native(self, block_ms: int | None = None) -> list[StreamEntry]:
         native: Any = self._native
+        if self.interrupted:  # a stop came before this read went out: it does not wait
+            block_ms = None
         args = self._native_args if block_ms is None else ["BLOCK", block_ms, *self._native_args]
         reply: Any = await native.execute_command("XREADGROUP", *args)
         if isinstance(reply, dict):  # RESP3: {stream: entries}
@@ -255,9 +259,13 @@ class BoundedReader:
             return
         self.interrupted = True  # before the runner, woken by the close, looks
         # Closing the socket ends the read at once, even on a frozen server (a cancelled
-        # command waited out the socket timeout there).
-        await self._native.connection_pool.disconnect()
-        await asyncio.wait({blocked}, timeout=INTERRUPT_SECONDS)
+        # command waited out the socket timeout there). A read not yet sent when its
+        # connection closed connects again to send it: close again until it ends.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INTERRUPT_SECONDS
+        while not blocked.done() and loop.time() < deadline:
+            await self._native.connection_pool.disconnect()
+            await asyncio.wait({blocked}, timeout=INTERRUPT_RETRY_SECONDS)
 
     async def _read_scripted(self, block_ms: int, stopping: asyncio.Event) -> list[StreamEntry]:
         """`read_new` through the script (Redis Cluster), waiting with a plain `XREAD

@@ -31,11 +31,11 @@ from tests.helpers import (
 MIB = 1024 * 1024
 
 
-def _reader(client: aioredis.Redis, budget: int) -> BoundedReader:
+def _reader(client: aioredis.Redis, budget: int, group: str = PROJECTOR) -> BoundedReader:
     return BoundedReader(
         client,
         stream=STREAM,
-        group=PROJECTOR,
+        group=group,
         consumer="reader",
         batch_size=500,
         max_event_bytes=MIB,
@@ -206,3 +206,33 @@ async def test_entries_handed_to_a_read_cut_short_are_read_again_before_stopping
 async def group_pending(client: aioredis.Redis, count: int) -> bool:
     [group] = await client.xinfo_groups(STREAM)
     return bool(group["pending"] == count)
+
+
+async def test_a_stop_at_any_point_of_a_read_leaves_what_arrives_after_it_unread(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """However far a read has got when it is cut (not yet started, waiting for its
+    connection, blocked in Redis), it ends, and an entry added after the stop is nobody's."""
+    client = connect(redis_url)
+    try:
+        for steps in range(12):  # how many turns of the loop the read gets before the cut
+            group = f"cut-after-{steps}"
+            await redis_client.xgroup_create(STREAM, group, id="$", mkstream=True)
+            reader = _reader(client, 16 * MIB, group)
+            stopping = asyncio.Event()
+            reading = asyncio.ensure_future(reader.read_new(60_000, stopping))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            stopping.set()
+            await reader.interrupt()
+            async with asyncio.timeout(10):  # not the 60 s block
+                await asyncio.gather(reading, return_exceptions=True)
+            await reader.aclose()
+            added = await redis_client.xadd(STREAM, {"event": b"after"})
+            info = {g["name"].decode(): g for g in await redis_client.xinfo_groups(STREAM)}
+            assert info[group]["pending"] == 0, f"cut after {steps} turns"
+            # not delivered to anybody: the next reader of the group gets it
+            [[_, entries]] = await redis_client.xreadgroup(group, "next", {STREAM: ">"})
+            assert [entry_id for entry_id, _ in entries] == [added], f"cut after {steps} turns"
+    finally:
+        await client.aclose()

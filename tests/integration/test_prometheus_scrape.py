@@ -188,6 +188,7 @@ async def test_prometheus_stores_each_groups_lag_as_the_stream_reports_it(
             await publish(redis_client, STREAM, [event(f"warm-{i}") for i in range(5)])
             await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="warm")
             await sidecar.projector_runner.stop()
+            await wait_for(lambda: sidecar._tasks["projector"].done(), message="projector stopped")
             await publish(redis_client, STREAM, [event(f"exec-{i}") for i in range(40)])
             await wait_for(lambda: group_read_all(redis_client, STREAM, ARCHIVER), message="read")
             stream = await xinfo_lag(redis_client)
