@@ -215,6 +215,45 @@ async def test_replay_rebuilds_the_same_projection(
     assert again.applied == 0 and again.events > 0
 
 
+async def test_buffers_due_together_go_oldest_first_a_few_per_flush(s3: MotoServer) -> None:
+    """Six full buffers: each flush writes the two oldest (bodies and IDs of two buffers
+    in memory at once, not six) and says the next flush is due at once, until none is."""
+    s3.client().create_bucket(Bucket="archive")
+    events = mixed_events(6 * 10, projects=6, days=1)
+    decoded = [
+        decode_entry(f"{T0 + n}-0", {EVENT_FIELD: data}) for n, data in enumerate(raw(events))
+    ]
+    valid = [entry for entry in decoded if isinstance(entry, ValidEvent)]
+    async with s3_client_context(region="us-east-1", endpoint_url=s3.url) as client:
+        sink = _CountingSink(S3Sink(client, "archive"))
+        archiver = S3TaskHistoryArchiver(
+            sink,  # type: ignore[arg-type]
+            Metrics(),
+            stream=STREAM,
+            prefix="task-tracking",
+            policy=FlushPolicy(max_events=10),
+        )
+        archiver.add(valid)
+        started = [entry.project for entry in valid]
+        creation_order = list(dict.fromkeys(started))
+        written: list[str] = []
+        durable: list[str] = []
+        while archiver.buffered:
+            assert archiver.seconds_until_due() == 0.0  # a full buffer is left: read, flush
+            before = set(archive_objects_s3(s3.client(), "archive"))
+            durable += (await archiver.flush(force=False)).durable_ids
+            new = set(archive_objects_s3(s3.client(), "archive")) - before
+            assert len(new) == UPLOADS_IN_FLIGHT
+            written += sorted({key.split("/")[1] + "/" + key.split("/")[2] for key in new})
+        assert archiver.seconds_until_due() is None
+    assert sorted(written) == sorted(creation_order)
+    assert [set(written[i : i + 2]) for i in (0, 2, 4)] == [
+        set(creation_order[i : i + 2]) for i in (0, 2, 4)
+    ]
+    assert sorted(durable) == sorted(entry.entry_id for entry in valid)
+    check_exactly_once(archive_objects_s3(s3.client(), "archive"), raw(events))
+
+
 class _CountingSink:
     """The real S3 sink, counting how many writes are out at once."""
 
@@ -264,7 +303,7 @@ async def test_due_buffers_upload_side_by_side_and_one_failing_lets_the_others_f
         archiver.add(valid)
         with pytest.raises(ArchiveIntegrityError):
             await archiver.flush(force=True)
-        assert sink.most_out == UPLOADS_IN_FLIGHT  # 8 buffers due, 4 written at a time
+        assert sink.most_out == UPLOADS_IN_FLIGHT  # 8 buffers due, written 2 at a time
         written = archive_objects_s3(s3.client(), "archive")
         assert len(written) == 1 + 7  # the foreign object; the 7 others finished
         s3.client().delete_object(Bucket="archive", Key=blocked)
