@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -215,24 +216,39 @@ async def test_replay_rebuilds_the_same_projection(
     assert again.applied == 0 and again.events > 0
 
 
+def valid_entries(events: list[dict]) -> list[ValidEvent]:
+    """The events as the runner hands them over, with consecutive entry IDs from T0."""
+    decoded = [
+        decode_entry(f"{T0 + n}-0", {EVENT_FIELD: data}) for n, data in enumerate(raw(events))
+    ]
+    valid = [entry for entry in decoded if isinstance(entry, ValidEvent)]
+    assert len(valid) == len(events)
+    return valid
+
+
+def counting_archiver(
+    client: Any, policy: FlushPolicy
+) -> tuple[_CountingSink, S3TaskHistoryArchiver]:
+    """An archiver writing to bucket `archive` through a sink that counts writes out at once."""
+    sink = _CountingSink(S3Sink(client, "archive"))
+    archiver = S3TaskHistoryArchiver(
+        sink,  # type: ignore[arg-type]
+        Metrics(),
+        stream=STREAM,
+        prefix="task-tracking",
+        policy=policy,
+    )
+    return sink, archiver
+
+
 async def test_buffers_due_together_go_oldest_first_a_few_per_flush(s3: MotoServer) -> None:
     """Six full buffers: each flush writes the two oldest (bodies and IDs of two buffers
     in memory at once, not six) and says the next flush is due at once, until none is."""
     s3.client().create_bucket(Bucket="archive")
     events = mixed_events(6 * 10, projects=6, days=1)
-    decoded = [
-        decode_entry(f"{T0 + n}-0", {EVENT_FIELD: data}) for n, data in enumerate(raw(events))
-    ]
-    valid = [entry for entry in decoded if isinstance(entry, ValidEvent)]
+    valid = valid_entries(events)
     async with s3_client_context(region="us-east-1", endpoint_url=s3.url) as client:
-        sink = _CountingSink(S3Sink(client, "archive"))
-        archiver = S3TaskHistoryArchiver(
-            sink,  # type: ignore[arg-type]
-            Metrics(),
-            stream=STREAM,
-            prefix="task-tracking",
-            policy=FlushPolicy(max_events=10),
-        )
+        sink, archiver = counting_archiver(client, FlushPolicy(max_events=10))
         archiver.add(valid)
         started = [entry.project for entry in valid]
         creation_order = list(dict.fromkeys(started))
@@ -246,6 +262,7 @@ async def test_buffers_due_together_go_oldest_first_a_few_per_flush(s3: MotoServ
             assert len(new) == UPLOADS_IN_FLIGHT
             written += sorted({key.split("/")[1] + "/" + key.split("/")[2] for key in new})
         assert archiver.seconds_until_due() is None
+        assert sink.most_out == UPLOADS_IN_FLIGHT
     assert sorted(written) == sorted(creation_order)
     assert [set(written[i : i + 2]) for i in (0, 2, 4)] == [
         set(creation_order[i : i + 2]) for i in (0, 2, 4)
@@ -280,11 +297,7 @@ async def test_due_buffers_upload_side_by_side_and_one_failing_lets_the_others_f
 ) -> None:
     s3.client().create_bucket(Bucket="archive")
     events = mixed_events(8 * 20, projects=8, days=1)
-    decoded = [
-        decode_entry(f"{T0 + n}-0", {EVENT_FIELD: data}) for n, data in enumerate(raw(events))
-    ]
-    valid = [entry for entry in decoded if isinstance(entry, ValidEvent)]
-    assert len(valid) == len(events)
+    valid = valid_entries(events)
     # A foreign object where org5's first object goes: a real integrity failure.
     first_of_org5 = next(entry for entry in valid if entry.project == "org5/repo-5")
     blocked = object_key(
@@ -292,14 +305,7 @@ async def test_due_buffers_upload_side_by_side_and_one_failing_lets_the_others_f
     )
     s3.client().put_object(Bucket="archive", Key=blocked, Body=b"someone else's\n")
     async with s3_client_context(region="us-east-1", endpoint_url=s3.url) as client:
-        sink = _CountingSink(S3Sink(client, "archive"))
-        archiver = S3TaskHistoryArchiver(
-            sink,  # type: ignore[arg-type]
-            Metrics(),
-            stream=STREAM,
-            prefix="task-tracking",
-            policy=FlushPolicy(),
-        )
+        sink, archiver = counting_archiver(client, FlushPolicy())
         archiver.add(valid)
         with pytest.raises(ArchiveIntegrityError):
             await archiver.flush(force=True)
