@@ -92,10 +92,7 @@ class ArchiveBatch:
                 return False
             self.in_order = False
         millis, sequence = order
-        self._open += raw
-        self._open += b"\n"
-        if len(self._open) >= BLOCK_BYTES:
-            self._seal()
+        self._append(raw, b"\n")
         self.size += len(raw) + 1
         self._millis.append(millis)
         self._sequences.append(sequence)
@@ -108,6 +105,13 @@ class ArchiveBatch:
         if order < self.oldest:
             self.oldest = order
         return True
+
+    def _append(self, *parts: bytes | memoryview) -> None:
+        """Add a line (its parts) to the open lines, sealing them once they fill a block."""
+        for part in parts:
+            self._open += part
+        if len(self._open) >= BLOCK_BYTES:
+            self._seal()
 
     def _seal(self) -> None:
         """Compress the open lines into a block."""
@@ -141,9 +145,7 @@ class ArchiveBatch:
         self._blocks, self._block_sizes, self._open = [], array("I"), bytearray()
         with memoryview(lines) as view:
             for i in permutation:
-                self._open += view[starts[i] : starts[i] + self._lengths[i]]
-                if len(self._open) >= BLOCK_BYTES:
-                    self._seal()
+                self._append(view[starts[i] : starts[i] + self._lengths[i]])
         self._millis = array("Q", (millis[i] for i in permutation))
         self._sequences = array("Q", (sequences[i] for i in permutation))
         self._lengths = array("I", (self._lengths[i] for i in permutation))
