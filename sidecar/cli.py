@@ -27,6 +27,11 @@ EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aiohttp (S3, the watch, the read API) keeps its signal handlers in frozenlist, whose
+    # C++ extension maps libstdc++: 1.0 MiB of every such process's RSS for lists that are
+    # read a few times per request. Set before anything imports it; FROZENLIST_NO_EXTENSIONS=
+    # (empty) in the environment keeps the extension.
+    os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.command
