@@ -250,9 +250,30 @@ def optional_field_warnings(data: dict[str, Any]) -> tuple[str, ...]:
 
 
 def describe_event_error(exc: ValidationError) -> str:
-    """All problems of an event, as one line: `field: message; field: message`."""
-    problems = []
+    """All problems of an event, as one line: `field: message; field: message`.
+
+    A value of neither type of `occurredAt` (null, as JSON.stringify writes an invalid
+    Date; a float; an object) is one problem, not pydantic's one per member of the union."""
+    problems: list[str] = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "event"
+        loc = error["loc"]
+        if loc[:1] == ("occurredAt",) and loc[1:] in (("str",), ("int",)):
+            problem = (
+                f"occurredAt: {_json_kind(error['input'])} is not a timestamp;"
+                " send ISO-8601 with a timezone or epoch milliseconds"
+            )
+            if problem not in problems:
+                problems.append(problem)
+            continue
+        where = ".".join(str(part) for part in loc) or "event"
         problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value as a publisher would name it in a message."""
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    if isinstance(value, float):
+        return f"{value!r} (a number with a fraction)"
+    return "an array" if isinstance(value, list) else "an object"

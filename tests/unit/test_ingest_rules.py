@@ -165,6 +165,25 @@ def test_epoch_seconds_are_refused_with_the_fix() -> None:
     assert "looks like epoch seconds; send milliseconds (1796151007000)" in decoded.reason
 
 
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (None, "null"),  # JSON.stringify(new Date(NaN))
+        (1.5, "1.5 (a number with a fraction)"),  # performance.now(), seconds / 1000
+        (True, "true"),
+        ([2026, 3, 15], "an array"),
+        ({"seconds": 1}, "an object"),
+    ],
+)
+def test_an_occurred_at_of_neither_type_is_one_problem_with_the_fix(value: Any, named: str) -> None:
+    decoded = decode(orjson.dumps(event(occurred_at=value)))
+    assert isinstance(decoded, InvalidEntry)
+    assert decoded.reason == (
+        f"occurredAt: {named} is not a timestamp;"
+        " send ISO-8601 with a timezone or epoch milliseconds"
+    )
+
+
 @pytest.mark.parametrize("field", ["eventId", "executionId", "taskName"])
 @pytest.mark.parametrize(
     ("value", "accepted"),
