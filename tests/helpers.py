@@ -318,6 +318,15 @@ def archive_objects_folder(root: Path) -> dict[str, bytes]:
     }
 
 
+def archive_line(text: str) -> bytes:
+    """What the archive holds of an event text: as sent less surrounding whitespace, or
+    its compact form when it spans several lines (computed here independently)."""
+    stripped = text.strip(" \t\r\n")
+    if "\n" in stripped or "\r" in stripped:
+        return json.dumps(json.loads(stripped), ensure_ascii=False, separators=(",", ":")).encode()
+    return stripped.encode()
+
+
 def check_exactly_once(
     objects: dict[str, bytes], valid_raw: list[bytes], prefix: str = "task-tracking"
 ) -> dict[str, int]:

@@ -24,6 +24,7 @@ from tests.helpers import (
     PROJECTOR,
     STREAM,
     SidecarProcess,
+    archive_line,
     archive_objects_folder,
     check_exactly_once,
     event,
@@ -37,15 +38,6 @@ from tests.helpers import (
 FIXTURE = Path(__file__).parents[1] / "data" / "node_json_stringify.json"
 MEMORY_LIMIT = 256 * 1024 * 1024  # the chart's default limit for the sidecar container
 NOW_MS = 1_773_568_800_000  # 2026-03-15, before any entry the test adds
-
-
-def _archive_line(text: str) -> bytes:
-    """What the archive holds of an event text: as sent less surrounding whitespace, or
-    its compact form when it spans several lines (computed here independently)."""
-    stripped = text.strip(" \t\r\n")
-    if "\n" in stripped or "\r" in stripped:
-        return json.dumps(json.loads(stripped), ensure_ascii=False, separators=(",", ":")).encode()
-    return stripped.encode()
 
 
 def _peak_rss(pid: int) -> int:
@@ -68,7 +60,7 @@ async def test_a_hostile_stream_is_drained_within_the_memory_limit_nothing_lost(
         if verdict == "valid":
             valid.append(data)
             text = fields[1]
-            archive_lines.append(_archive_line(text if isinstance(text, str) else text.decode()))
+            archive_lines.append(archive_line(text if isinstance(text, str) else text.decode()))
         else:
             refused[entry_id] = word
 
