@@ -1,11 +1,11 @@
 """What the application's TypeScript services send, through their real clients.
 
-`tests/node/publish.mjs` runs on Node with ioredis and node-redis (the versions in
-`tests/node/package-lock.json`, installed by `npm ci` on first use) and publishes, into a
-running `task-tracking run`, the events a service's emit() builds: Date objects and
-Date.now() for `occurredAt`, optional fields undefined or null, nested metadata, emoji,
-unknown fields, Buffer values, pipelines and MULTI, pretty-printed JSON; then the mistakes
-a service makes (epoch seconds, an invalid Date, an unknown status, a missing field, a
+`tests/node/publish.mjs` runs on Node with ioredis 5 and 6 and node-redis 4 and 6 (the
+versions in `tests/node/package-lock.json`, installed by `npm ci` on first use) and
+publishes, into a running `task-tracking run`, the events a service's emit() builds: Date
+objects and Date.now() for `occurredAt`, optional fields undefined or null, nested
+metadata, emoji, unknown fields, Buffer values, pipelines and MULTI, pretty-printed JSON;
+then the mistakes a service makes (epoch seconds, an invalid Date, an unknown status, a missing field, a
 2 MiB event, a message cut short, no `event` field). Every valid event is projected by the
 ordering rule and archived exactly once; every mistake is dead-lettered once with its
 reason; nothing stays pending.

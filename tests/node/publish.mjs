@@ -1,12 +1,14 @@
 // Publishes task events the way the application's TypeScript services do, through the two
-// clients they use (ioredis and node-redis), and writes what it sent as JSON lines to
+// clients they use, two majors of each (ioredis 5 and 6, node-redis 4 and 6), and writes what it sent as JSON lines to
 // stdout: {id, text, verdict, word}. `verdict` is what the sidecar must do with the entry
 // (valid: projected and archived; invalid: dead-lettered with `word` in its reason).
 //
 //   node publish.mjs <redis-url> <stream> <executions>
 import { randomUUID } from "node:crypto";
 import Redis from "ioredis";
+import Redis6 from "ioredis6";
 import { createClient } from "redis";
+import { createClient as createClient6 } from "redis6";
 
 const [url, stream, executionCount] = process.argv.slice(2);
 const executions = Number(executionCount);
@@ -38,37 +40,40 @@ function note(id, text, verdict = "valid", word = "") {
 }
 
 const io = new Redis(url);
+const io6 = new Redis6(url);
 const nodeRedis = createClient({ url });
+const nodeRedis6 = createClient6({ url });
 await nodeRedis.connect();
+await nodeRedis6.connect();
 
 for (let n = 0; n < executions; n++) {
   const statuses = ["in_progress", "in_progress", n % 4 ? "success" : "error"];
   for (const [step, status] of statuses.entries()) {
     const text = JSON.stringify(taskEvent(n, status, step));
     switch ((n + step) % 6) {
-      case 0: // ioredis, one command
+      case 0: // ioredis 5, one command
         note(await io.xadd(stream, "*", "event", text), text);
         break;
-      case 1: // ioredis, the value as a Buffer, and a field of the service's own
-        note(await io.xadd(stream, "*", "event", Buffer.from(text), "traceId", randomUUID()), text);
+      case 1: // ioredis 6, the value as a Buffer, and a field of the service's own
+        note(await io6.xadd(stream, "*", "event", Buffer.from(text), "traceId", randomUUID()), text);
         break;
-      case 2: { // ioredis pipeline
+      case 2: { // ioredis 5 pipeline
         const [[error, id]] = await io.pipeline().xadd(stream, "*", "event", text).exec();
         if (error) throw error;
         note(id, text);
         break;
       }
-      case 3: // node-redis
+      case 3: // node-redis 4
         note(await nodeRedis.xAdd(stream, "*", { event: text }), text);
         break;
-      case 4: { // node-redis transaction
-        const [id] = await nodeRedis.multi().xAdd(stream, "*", { event: text }).exec();
+      case 4: { // node-redis 6 transaction
+        const [id] = await nodeRedis6.multi().xAdd(stream, "*", { event: text }).exec();
         note(id, text);
         break;
       }
-      default: { // pretty-printed, with a trailing newline, as a logger might
+      default: { // node-redis 6, pretty-printed with a trailing newline, as a logger might
         const pretty = JSON.stringify(taskEvent(n, status, step), null, 2) + "\n";
-        note(await nodeRedis.xAdd(stream, "*", { event: pretty }), pretty);
+        note(await nodeRedis6.xAdd(stream, "*", { event: pretty }), pretty);
       }
     }
   }
@@ -92,5 +97,7 @@ note(await nodeRedis.xAdd(stream, "*", { event: cut }), cut, "invalid", "JSON");
 note(await nodeRedis.xAdd(stream, "*", { payload: "{}" }), "", "invalid", "no 'event' field");
 
 await io.quit();
+await io6.quit();
 await nodeRedis.quit();
+await nodeRedis6.close();
 for (const entry of sent) process.stdout.write(JSON.stringify(entry) + "\n");
