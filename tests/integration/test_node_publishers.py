@@ -5,10 +5,10 @@ versions in `tests/node/package-lock.json`, installed by `npm ci` on first use) 
 publishes, into a running `task-tracking run`, the events a service's emit() builds: Date
 objects and Date.now() for `occurredAt`, optional fields undefined or null, nested
 metadata, emoji, unknown fields, Buffer values, pipelines and MULTI, pretty-printed JSON;
-then the mistakes a service makes (epoch seconds, an invalid Date, an unknown status, a missing field, a
-2 MiB event, a message cut short, no `event` field). Every valid event is projected by the
-ordering rule and archived exactly once; every mistake is dead-lettered once with its
-reason; nothing stays pending.
+then the mistakes a service makes (epoch seconds, an invalid Date, an unknown status, a
+missing field, a 2 MiB event, a message cut short, no `event` field). Every valid event is
+projected by the ordering rule and archived exactly once; every mistake is dead-lettered
+once with its reason; nothing stays pending.
 """
 
 from __future__ import annotations
