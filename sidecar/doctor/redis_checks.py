@@ -107,9 +107,13 @@ async def server_kind(client: Redis) -> str:
     """ "Valkey 9.1.2 (standalone)": from HELLO, which every user may send (INFO needs a
     permission the sidecar's user does not have); INFO before Redis 6."""
     assert client.connection is not None  # single_connection_client after the ping
-    answer = await _send(client.connection, "HELLO", "2")  # stays on RESP2
-    if isinstance(answer, list):
-        hello = {_text(k): v for k, v in zip(answer[::2], answer[1::2], strict=True)}
+    # Without a version HELLO keeps the connection's protocol (redis-py 8 speaks RESP3; a
+    # `HELLO 2` here left its parser reading RESP2 replies, and XINFO GROUPS crashed it).
+    answer = await _send(client.connection, "HELLO")
+    if isinstance(answer, list):  # RESP2: a flat list of names and values
+        answer = dict(zip(answer[::2], answer[1::2], strict=True))
+    if isinstance(answer, dict):  # RESP3: a map
+        hello = {_text(k): v for k, v in answer.items()}
         server, version, mode = (_text(hello.get(k, b"?")) for k in ("server", "version", "mode"))
     else:
         try:

@@ -21,6 +21,7 @@ from sidecar.config import load_settings
 from sidecar.connections import LEAST_PRIVILEGE_ACL
 from sidecar.doctor import Report, run_doctor
 from tests.conftest import PROXIED_BUCKET, MotoServer
+from tests.helpers import STREAM
 from tests.kube.api import KubeAPI
 from tests.kube.store import API_VERSION, KIND
 from tests.s3proxy import S3Proxy
@@ -66,6 +67,30 @@ async def test_every_check_passes_and_nothing_is_written(redis_url: str) -> None
     assert found["stream task-events:v1"][0] == "warn"  # not created yet: not a failure
     assert found["archive"][0] == "skip" and found["kubernetes"][0] == "skip"
     assert client.dbsize() == 0  # the checks changed nothing
+    client.close()
+
+
+async def test_a_stream_with_its_groups_is_reported_with_their_lag(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """What a running sidecar leaves (the quick start's `task-tracking doctor`): the
+    server-kind check must not change the connection's protocol under redis-py, whose
+    XINFO GROUPS parser then broke on Valkey 9 (`'list' object has no attribute 'items'`)."""
+    client = redis.Redis.from_url(redis_url)
+    client.xgroup_create(STREAM, "task-status-projector", id="0", mkstream=True)
+    client.xgroup_create(STREAM, "task-history-archiver", id="0")
+    client.xadd(STREAM, {"event": "{}"})
+    report = await doctor(
+        redis_url, s3_archive_enabled=True, archive_sink="folder", archive_folder=tmp_path
+    )
+    found = outcomes(report)
+    assert found["stream task-events:v1"] == (
+        "pass",
+        "1 entries; group task-status-projector: 0 pending, lag 1;"
+        " group task-history-archiver: 0 pending, lag 1",
+        None,
+    ), report.render()
+    assert found["redis"][0] == "pass" and found["redis permissions"][0] == "pass"
     client.close()
 
 
