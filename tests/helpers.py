@@ -233,6 +233,24 @@ def sidecar_env(redis_url: str, **settings: Any) -> dict[str, str]:
     return env
 
 
+def folder_archive_env(redis_url: str, folder: Path) -> dict[str, str]:
+    """`task-tracking run` archiving to `folder`, with quick reads and flushes."""
+    return sidecar_env(
+        redis_url,
+        s3_archive_enabled=True,
+        archive_sink="folder",
+        archive_folder=folder,
+        redis_block_ms=200,
+        archive_flush_max_age_seconds=0.5,
+    )
+
+
+async def both_groups_done(client: aioredis.Redis, timeout: float) -> None:
+    """Wait until the projector's and the archiver's groups have settled every entry."""
+    await wait_for(lambda: group_done(client, STREAM, PROJECTOR), timeout, "projector")
+    await wait_for(lambda: group_done(client, STREAM, ARCHIVER), timeout, "archiver")
+
+
 class SidecarProcess:
     """`task-tracking run` as a subprocess, for kill and signal tests."""
 

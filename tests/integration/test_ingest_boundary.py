@@ -19,20 +19,17 @@ import orjson
 import redis.asyncio as aioredis
 
 from tests.helpers import (
-    ARCHIVER,
     DEAD_LETTER,
-    PROJECTOR,
     STREAM,
     SidecarProcess,
     archive_line,
     archive_objects_folder,
+    both_groups_done,
     check_exactly_once,
     event,
     expected_projection,
-    group_done,
+    folder_archive_env,
     projection,
-    sidecar_env,
-    wait_for,
 )
 
 FIXTURE = Path(__file__).parents[1] / "data" / "node_json_stringify.json"
@@ -108,19 +105,11 @@ async def test_a_hostile_stream_is_drained_within_the_memory_limit_nothing_lost(
     await ordinary(1500, 200_000)
 
     folder = tmp_path / "archive"
-    env = sidecar_env(
-        redis_url,
-        s3_archive_enabled=True,
-        archive_sink="folder",
-        archive_folder=folder,
-        redis_block_ms=200,
-        archive_flush_max_age_seconds=0.5,
-    )
-    process = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    process = SidecarProcess(folder_archive_env(redis_url, folder), tmp_path / "sidecar.log")
+    process.start()
     assert process.process is not None
     try:
-        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), 120, "projector")
-        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), 120, "archiver")
+        await both_groups_done(redis_client, 120)
         peak = _peak_rss(process.process.pid)
         assert process.running(), process.log()  # never restarted, never killed
         assert process.terminate() == 0, process.log()

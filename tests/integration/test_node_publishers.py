@@ -22,19 +22,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import (
-    ARCHIVER,
     DEAD_LETTER,
-    PROJECTOR,
     STREAM,
     SidecarProcess,
     archive_line,
     archive_objects_folder,
+    both_groups_done,
     check_exactly_once,
     expected_projection,
-    group_done,
+    folder_archive_env,
     projection,
-    sidecar_env,
-    wait_for,
 )
 
 NODE_PROJECT = Path(__file__).parents[1] / "node"
@@ -66,15 +63,8 @@ async def test_events_from_ioredis_and_node_redis_are_projected_archived_or_dead
 ) -> None:
     command = node_publisher()
     folder = tmp_path / "archive"
-    env = sidecar_env(
-        redis_url,
-        s3_archive_enabled=True,
-        archive_sink="folder",
-        archive_folder=folder,
-        redis_block_ms=200,
-        archive_flush_max_age_seconds=0.5,
-    )
-    process = SidecarProcess(env, tmp_path / "sidecar.log").start()
+    process = SidecarProcess(folder_archive_env(redis_url, folder), tmp_path / "sidecar.log")
+    process.start()
     try:
         # Published while the sidecar runs, as a service does.
         published = subprocess.run(
@@ -82,8 +72,7 @@ async def test_events_from_ioredis_and_node_redis_are_projected_archived_or_dead
         )
         assert published.returncode == 0, published.stderr
         sent = [json.loads(line) for line in published.stdout.splitlines()]
-        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), 60, "projector")
-        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), 60, "archiver")
+        await both_groups_done(redis_client, 60)
         assert process.running(), process.log()
         assert process.terminate() == 0, process.log()
     finally:
