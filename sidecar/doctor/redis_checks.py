@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from sidecar.doctor import Report
 
 ACL_FIX = "grant it (README 'Redis Cluster, TLS and ACLs' has the whole ACL line)"
+# The projector's script updates indexes with ZADD GT, retention trims with XTRIM MINID.
+MIN_REDIS_VERSION = (6, 2)
+UPGRADE_FIX = "upgrade to Redis 6.2 or later (the tests run 7.0) or to Valkey"
 
 
 def needed_commands(settings: Settings) -> list[tuple[str, ...]]:
@@ -89,7 +92,17 @@ async def check_redis(settings: Settings, report: Report) -> None:
             )
             report.add("redis permissions", "skip", "Redis not reachable")
             return
-        report.add("redis", "pass", f"reachable at {shown}: {await server_kind(client)}")
+        server, version, mode = await server_kind(client)
+        kind = (
+            f"{'Valkey' if server == 'valkey' else 'Redis'} {version} ({mode})"
+            if version
+            else "server version unknown (neither HELLO nor INFO answered)"
+        )
+        too_old = version_problem(server, version)
+        if too_old is None:
+            report.add("redis", "pass", f"reachable at {shown}: {kind}")
+        else:
+            report.add("redis", "fail", f"reachable at {shown}: {too_old}", UPGRADE_FIX)
         if is_cluster_url(settings.redis_url):  # the stream may live on another node
             cluster = connect(settings.redis_url)
             try:
@@ -103,9 +116,22 @@ async def check_redis(settings: Settings, report: Report) -> None:
         await client.aclose()
 
 
-async def server_kind(client: Redis) -> str:
-    """ "Valkey 9.1.2 (standalone)": from HELLO, which every user may send (INFO needs a
-    permission the sidecar's user does not have); INFO before Redis 6."""
+def version_problem(server: str, version: str) -> str | None:
+    """Why this server is too old for the sidecar, or None (also when the version is
+    unknown: the other checks then tell; Valkey began at 7.2)."""
+    try:
+        numbers = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    if server == "valkey" or numbers >= MIN_REDIS_VERSION:
+        return None
+    return f"Redis {version} is older than 6.2 (ZADD GT, XTRIM MINID)"
+
+
+async def server_kind(client: Redis) -> tuple[str, str, str]:
+    """("valkey", "9.1.2", "standalone"): from HELLO, which every user may send (INFO
+    needs a permission the sidecar's user does not have); INFO before Redis 6; an empty
+    version when neither answers."""
     assert client.connection is not None  # single_connection_client after the ping
     # Without a version HELLO keeps the connection's protocol (redis-py 8 speaks RESP3; a
     # `HELLO 2` here left its parser reading RESP2 replies, and XINFO GROUPS crashed it).
@@ -118,12 +144,12 @@ async def server_kind(client: Redis) -> str:
     else:
         try:
             info: dict[str, Any] = await client.info("server")
-        except RedisError:
-            return "server version unknown (neither HELLO nor INFO answered)"
+        except RedisError:  # neither HELLO nor INFO answered: no version
+            return "redis", "", ""
         server = str(info.get("server_name") or "redis")
         version = str(info.get(f"{server}_version") or info.get("redis_version"))
         mode = str(info.get("redis_mode", "standalone"))
-    return f"{'Valkey' if server == 'valkey' else 'Redis'} {version} ({mode})"
+    return server, version, mode
 
 
 async def check_stream(settings: Settings, client: Redis | RedisCluster, report: Report) -> None:
