@@ -58,6 +58,10 @@ class FlushPolicy(_Model):
     max_age_seconds: float = Field(30.0, gt=0, le=3600)
 
 
+# S3's rule for bucket names, as the CRD's schema has it (manifests/crd/).
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 class ArchiveConfig(_Model):
     """Where and how to archive (``enabled=False``: no archiver runs): the one archive model.
 
@@ -76,6 +80,16 @@ class ArchiveConfig(_Model):
     folder: Path | None = None
     # "auto" probes whether the S3 target enforces If-None-Match (sidecar.conditional_writes).
     conditional_writes: Literal["auto", "enforced", "check_before_write"] = "auto"
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str | None) -> str | None:
+        if value is not None and not BUCKET_RE.fullmatch(value):
+            raise ValueError(
+                "must be an S3 bucket name: lowercase letters, digits, '.' and '-',"
+                " starting and ending with a letter or digit (for example: my-task-archive)"
+            )
+        return value
 
     @field_validator("prefix")
     @classmethod

@@ -82,6 +82,9 @@ def test_run_with_bad_environment_exits_2_with_one_line_and_no_traceback() -> No
         ("ARCHIVE_FLUSH_MAX_BYTES", "10", "TASK_TRACKING_ARCHIVE_FLUSH_MAX_BYTES='10' is invalid"),
         ("ARCHIVE_SINK", "folder", "TASK_TRACKING_ARCHIVE_FOLDER is required when"),
         ("PROJECT_INDEX_MAX_SIZE", "-1", "TASK_TRACKING_PROJECT_INDEX_MAX_SIZE='-1' is invalid"),
+        # S3's bucket rule, as the CRD has it; botocore only refused it at the first call
+        ("S3_BUCKET", "archive/sub", "TASK_TRACKING_S3_BUCKET='archive/sub' is invalid: must be"),
+        ("S3_BUCKET", "My_Archive", "TASK_TRACKING_S3_BUCKET='My_Archive' is invalid: must be"),
     ],
 )
 def test_the_archive_models_rules_name_the_variable(name: str, value: str, message: str) -> None:
