@@ -28,7 +28,14 @@ from sidecar.conditional_writes import ConditionalWrites, clear_conditional_writ
 from sidecar.config import ArchiveConfig, Settings
 from sidecar.consumer import ConsumerGroupRunner, RunnerOptions
 from sidecar.metrics import Metrics
-from sidecar.sinks import ArchiveSink, FolderSink, S3Sink, SinkError, s3_client_context
+from sidecar.sinks import (
+    ArchiveSink,
+    FolderSink,
+    S3Sink,
+    SinkError,
+    client_error_fix,
+    s3_client_context,
+)
 from sidecar.watermark import ArchiveWatermark
 
 log = logging.getLogger(__name__)
@@ -69,9 +76,11 @@ async def open_sink(target: ArchiveConfig, s3_clients: S3Clients) -> ArchiveSink
         raise SinkError("archival is enabled but no bucket is set", "config", configuration=True)
     try:
         client = await s3_clients.get(target.region, target.endpoint_url)
-    except Exception as exc:  # e.g. a malformed endpoint URL
+    except Exception as exc:  # a malformed region or endpoint URL, half the credentials
         raise SinkError(
-            f"cannot create the S3 client: {exc}", "ClientConfig", configuration=True
+            f"cannot create the S3 client: {exc}; {client_error_fix(exc)}",
+            "ClientConfig",
+            configuration=True,
         ) from exc
     return S3Sink(client, target.bucket)
 
@@ -183,7 +192,8 @@ class ArchiveSwitch:
                     await self._stop_runner()
                     self.target = target
                 log.error(
-                    "archive configuration refused, keeping the current one: %s",
+                    "archive configuration refused, %s: %s",
+                    "keeping the current one" if self.runner is not None else "archival is off",
                     exc,
                     extra={"worker": "archiver", "bucket": target.label},
                 )

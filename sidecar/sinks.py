@@ -79,6 +79,24 @@ def s3_call_errors() -> tuple[type[Exception], ...]:
     return (ClientError, BotoCoreError, OSError)
 
 
+REGION_SETTINGS = "TASK_TRACKING_S3_REGION (or AWS_REGION / AWS_DEFAULT_REGION)"
+ENDPOINT_SETTINGS = "TASK_TRACKING_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)"
+
+
+def client_error_fix(exc: Exception) -> str:
+    """What to change when botocore cannot make an S3 client or find its credentials:
+    the settings behind the error (the error's own text says what was wrong)."""
+    from botocore.exceptions import InvalidRegionError, PartialCredentialsError
+
+    if isinstance(exc, InvalidRegionError):
+        return f"set {REGION_SETTINGS} to a region name such as eu-west-1"
+    if isinstance(exc, PartialCredentialsError):
+        return "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither (IRSA)"
+    if isinstance(exc, ValueError) and "endpoint" in str(exc).lower():
+        return f"set {ENDPOINT_SETTINGS} to a URL such as https://s3.eu-west-1.amazonaws.com"
+    return f"check {REGION_SETTINGS}, {ENDPOINT_SETTINGS} and the AWS_* credentials"
+
+
 class SinkError(WorkerError):
     """An archive write failed; `reason` is a short label for metrics."""
 

@@ -3,6 +3,7 @@ is writable, and whether it enforces conditional writes (the archiver's own prob
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -47,11 +48,15 @@ def check_folder(settings: Settings, report: Report) -> None:
 
 async def check_s3(settings: Settings, report: Report) -> None:
     from sidecar.s3_client import lean_session
-    from sidecar.sinks import S3Sink, SinkError, s3_client_context
+    from sidecar.sinks import S3Sink, SinkError, client_error_fix, s3_client_context
 
     bucket = settings.archive.bucket
     assert bucket is not None  # Settings requires it when archival is on
-    credentials = await lean_session().get_credentials()  # the chain the sidecar's client uses
+    try:
+        credentials = await lean_session().get_credentials()  # the sidecar client's chain
+    except Exception as exc:  # e.g. AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY
+        report.add("s3 credentials", "fail", str(exc), client_error_fix(exc))
+        return
     if credentials is None:
         report.add(
             "s3 credentials",
@@ -66,7 +71,17 @@ async def check_s3(settings: Settings, report: Report) -> None:
     endpoint = settings.archive.endpoint_url
     shown = endpoint_shown(endpoint)
     where = f"s3://{bucket}" + (f" at {shown}" if shown else "")
-    async with s3_client_context(region=settings.archive.region, endpoint_url=endpoint) as client:
+    try:
+        context = s3_client_context(region=settings.archive.region, endpoint_url=endpoint)
+        client = await context.__aenter__()
+    except Exception as exc:  # a malformed region or endpoint URL
+        report.add(
+            "s3 bucket", "fail", f"cannot create the S3 client: {exc}", client_error_fix(exc)
+        )
+        report.add("s3 conditional writes", "skip", "no S3 client")
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(context)
         sink = S3Sink(client, bucket)
         try:
             await sink.check()

@@ -94,6 +94,38 @@ async def test_a_stream_with_its_groups_is_reported_with_their_lag(
     client.close()
 
 
+@pytest.mark.parametrize(
+    ("environment", "check", "fix"),
+    [
+        ({"TASK_TRACKING_S3_REGION": "not a region"}, "s3 bucket", "TASK_TRACKING_S3_REGION"),
+        ({"AWS_ENDPOINT_URL_S3": "notaurl"}, "s3 bucket", "TASK_TRACKING_S3_ENDPOINT_URL"),
+        ({"AWS_SECRET_ACCESS_KEY": ""}, "s3 credentials", "AWS_SECRET_ACCESS_KEY"),
+    ],
+    ids=["region", "endpoint", "half-the-credentials"],
+)
+def test_a_malformed_s3_setting_is_one_failed_check_naming_it(
+    redis_url: str, environment: dict[str, str], check: str, fix: str
+) -> None:
+    """Before, each was a botocore traceback instead of the report (found by a user drive)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASK_TRACKING_", "AWS_"))}
+    env |= {
+        "TASK_TRACKING_REDIS_URL": redis_url,
+        "TASK_TRACKING_S3_ARCHIVE_ENABLED": "true",
+        "TASK_TRACKING_S3_BUCKET": "archive",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    } | environment
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("✗")]
+    assert len(failed) == 1 and failed[0].startswith(f"✗ {check}:"), result.stdout
+    assert fix in failed[0].partition(" -> ")[2], failed[0]
+    assert "✓ redis:" in result.stdout  # the other checks still report
+
+
 @pytest.mark.parametrize("dryrun", [False, True], ids=["multi-discard", "acl-dryrun"])
 async def test_pinpoints_one_missing_acl_permission(
     redis_url: str, acl_user: Any, dryrun: bool
