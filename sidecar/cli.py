@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(command=cmd_status)
 
     listing = commands.add_parser("list", help="list a project's executions, newest first")
-    listing.add_argument("project", help="owner/repo")
+    listing.add_argument("project", type=project_name, help="owner/repo")
     listing.add_argument(
         "--limit", type=positive_int, default=20, help="how many executions (default 20)"
     )
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch", help="follow the projection's changes, a line each (like kubectl get -w)"
     )
-    watch.add_argument("project", nargs="?", help="only this owner/repo")
+    watch.add_argument("project", nargs="?", type=project_name, help="only this owner/repo")
     watch.add_argument("--api", help="through the read API at this URL (else straight from Redis)")
     watch.add_argument("--token", help="the API's token (default: TASK_TRACKING_API_TOKEN)")
     watch.add_argument("--count", type=int, help="stop after this many changes")

@@ -189,6 +189,16 @@ async def test_replay_refuses_bad_days_and_projects_and_says_when_nothing_matche
     assert "nothing matched: no archive object under task-tracking/o/r" in nothing.stderr
 
 
+@pytest.mark.parametrize("command", ["list", "watch"])
+async def test_list_and_watch_refuse_a_name_that_is_not_a_project(
+    redis_url: str, command: str
+) -> None:
+    """As replay does (before, `list nope` printed "no executions for nope" and exited 0)."""
+    result = await asyncio.to_thread(cli, command, "nope", env=plain_env(redis_url=redis_url))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "'nope' is not a project: use owner/repo" in result.stderr
+
+
 async def test_list_into_a_closed_pipe_exits_quietly(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
