@@ -55,7 +55,7 @@ class FlushPolicy(_Model):
 
     max_events: int = Field(5000, ge=1, le=100_000)
     max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
-    max_age_seconds: float = Field(30.0, gt=0, le=3600)
+    max_age_seconds: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
 
 
 # S3's rule for bucket names, as the CRD's schema has it (manifests/crd/).

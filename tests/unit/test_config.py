@@ -82,6 +82,11 @@ def test_run_with_bad_environment_exits_2_with_one_line_and_no_traceback() -> No
         ("ARCHIVE_FLUSH_MAX_BYTES", "10", "TASK_TRACKING_ARCHIVE_FLUSH_MAX_BYTES='10' is invalid"),
         ("ARCHIVE_SINK", "folder", "TASK_TRACKING_ARCHIVE_FOLDER is required when"),
         ("PROJECT_INDEX_MAX_SIZE", "-1", "TASK_TRACKING_PROJECT_INDEX_MAX_SIZE='-1' is invalid"),
+        (
+            "ARCHIVE_FLUSH_MAX_AGE_SECONDS",
+            "nan",
+            "TASK_TRACKING_ARCHIVE_FLUSH_MAX_AGE_SECONDS='nan' is invalid: Input should be a finite",
+        ),
         # S3's bucket rule, as the CRD has it; botocore only refused it at the first call
         ("S3_BUCKET", "archive/sub", "TASK_TRACKING_S3_BUCKET='archive/sub' is invalid: must be"),
         ("S3_BUCKET", "My_Archive", "TASK_TRACKING_S3_BUCKET='My_Archive' is invalid: must be"),
