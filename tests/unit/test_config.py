@@ -85,7 +85,8 @@ def test_run_with_bad_environment_exits_2_with_one_line_and_no_traceback() -> No
         (
             "ARCHIVE_FLUSH_MAX_AGE_SECONDS",
             "nan",
-            "TASK_TRACKING_ARCHIVE_FLUSH_MAX_AGE_SECONDS='nan' is invalid: Input should be a",
+            "TASK_TRACKING_ARCHIVE_FLUSH_MAX_AGE_SECONDS='nan' is invalid:"
+            " Input should be a finite number",
         ),
         # S3's bucket rule, as the CRD has it; botocore only refused it at the first call
         ("S3_BUCKET", "archive/sub", "TASK_TRACKING_S3_BUCKET='archive/sub' is invalid: must be"),
