@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import os
 import signal
 import sys
@@ -47,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # Python flushes stdout again at exit, which would complain once more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except OSError as exc:  # e.g. the HTTP port is taken
-        if exc.errno == errno.EADDRINUSE:
-            print(
-                "task-tracking: TASK_TRACKING_HTTP_PORT: the port is in use;"
-                " set another one (or stop what listens on it)",
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
+    except OSError as exc:  # a taken port is a ConfigError already (config.listen_problem)
         print(f"task-tracking: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

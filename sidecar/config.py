@@ -12,6 +12,7 @@ enabled) are written once, here.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -29,6 +30,16 @@ ENV_PREFIX = "TASK_TRACKING_"
 
 class ConfigError(Exception):
     """A setting a user got wrong; the message is one line naming the variable and the fix."""
+
+
+def listen_problem(port_variable: str, host: str, port: int, exc: OSError) -> str:
+    """One line for a server that could not listen on host:port: what to change."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"{port_variable}: the port is in use; set another one (or stop what listens on it)"
+    return (
+        f"TASK_TRACKING_HTTP_HOST: cannot listen on {host}:{port} ({exc.strerror or exc});"
+        " set an address of this machine, or 0.0.0.0 for all of them"
+    )
 
 
 class RuleError(ValueError):

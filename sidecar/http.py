@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 
+from sidecar.config import ConfigError, listen_problem
+
 if TYPE_CHECKING:
     from sidecar.runtime import Sidecar
 
@@ -99,9 +101,12 @@ class HealthServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port; returns the bound port (the chosen one for port 0)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, backlog=LISTEN_BACKLOG
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: HttpConnection(self), host, port, backlog=LISTEN_BACKLOG
+            )
+        except OSError as exc:  # the port taken, an address not of this machine
+            raise ConfigError(listen_problem("TASK_TRACKING_HTTP_PORT", host, port, exc)) from exc
         bound = int(self._server.sockets[0].getsockname()[1])
         self.name = f"http://{host}:{bound}"
         log.info(

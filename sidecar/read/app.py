@@ -12,13 +12,15 @@ import contextlib
 import hmac
 import importlib.resources
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import orjson
 from aiohttp import web
 
+from sidecar.config import ConfigError, listen_problem
 from sidecar.connections import connect
+from sidecar.http import LISTEN_BACKLOG
 from sidecar.read.changes import Change, ChangesFeed, Subscriber, TooOld
 from sidecar.read.projection import (
     DEFAULT_LIMIT,
@@ -265,15 +267,20 @@ async def start_api(
 ) -> tuple[web.AppRunner, int]:
     """Serve the read app on host:port; returns the runner (`cleanup()` stops it) and the
     bound port (for port 0)."""
+    # Bound before the app starts its changes reader: a taken port is one line and exit 2
+    # (a reader started and then cancelled in its blocking read kept the process alive).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        raise ConfigError(listen_problem("TASK_TRACKING_API_PORT", host, port, exc)) from exc
     # SSE handlers never finish by themselves: a stop cuts them after a moment (their
     # clients resume from their last id elsewhere).
     runner = web.AppRunner(
         build_app(redis_url, token=token), handle_signals=False, shutdown_timeout=0.5
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server: Any = site._server
-    bound: int = server.sockets[0].getsockname()[1] if server is not None else port
+    await web.SockSite(runner, sock).start()
+    bound: int = sock.getsockname()[1]
     log.info("read API on %s:%s%s", host, bound, " (token required)" if token else "")
     return runner, bound

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,34 @@ async def test_list_and_watch_refuse_a_name_that_is_not_a_project(
     result = await asyncio.to_thread(cli, command, "nope", env=plain_env(redis_url=redis_url))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "'nope' is not a project: use owner/repo" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "settings", "message"),
+    [
+        ("run", {"http_port": "TAKEN"}, "TASK_TRACKING_HTTP_PORT: the port is in use"),
+        # the read API's port, taken: run used to hang here, ignoring SIGTERM
+        (
+            "run",
+            {"api_enabled": "true", "api_port": "TAKEN"},
+            "TASK_TRACKING_API_PORT: the port is in use",
+        ),
+        ("api", {"api_port": "TAKEN"}, "TASK_TRACKING_API_PORT: the port is in use"),
+        ("run", {"http_host": "not-a-host"}, "TASK_TRACKING_HTTP_HOST: cannot listen on"),
+    ],
+)
+async def test_a_port_or_host_it_cannot_listen_on_is_one_line_and_exit_2(
+    redis_url: str, command: str, settings: dict[str, str], message: str
+) -> None:
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        values = {"http_port": "0", "log_level": "warning"}
+        values |= {k: port if v == "TAKEN" else v for k, v in settings.items()}
+        env = plain_env(redis_url=redis_url, **values)
+        result = await asyncio.to_thread(cli, command, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"task-tracking: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 async def test_list_into_a_closed_pipe_exits_quietly(
