@@ -332,11 +332,13 @@ class HttpConnection(asyncio.Protocol):
         start = 0  # of the next request: the buffer is cut once, not after each request
         while not self._paused and not self._closing:
             end = _end_of_header(self._buffer, start)
+            # Over the limit whether or not its end has arrived (one packet can hold it all).
+            if (end if end >= 0 else len(self._buffer)) - start > MAX_HEADER_BYTES:
+                self._respond(_text(431, "431: Request Header Fields Too Large"), b"GET")
+                self._close()
+                break
             if end < 0:
-                if len(self._buffer) - start > MAX_HEADER_BYTES:
-                    self._respond(_text(431, "431: Request Header Fields Too Large"), b"GET")
-                    self._close()
-                elif start == len(self._buffer):
+                if start == len(self._buffer):
                     self._await_keepalive()
                 break
             header, start = self._buffer[start:end], end

@@ -358,9 +358,19 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
         (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
         (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", b"400"),
         (b"GET /healthz HTTP/1.1\r\nX: " + b"y" * 20_000, b"431"),
+        # the whole oversized header at once (before, only one still arriving was measured)
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"y" * 20_000 + b"\r\n\r\n", b"431"),
         (b"POST /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", b"405"),
     ],
-    ids=["not-http", "other-protocol", "bad-field", "too-many-fields", "too-large", "body"],
+    ids=[
+        "not-http",
+        "other-protocol",
+        "bad-field",
+        "too-many-fields",
+        "too-large",
+        "too-large-complete",
+        "body",
+    ],
 )
 async def test_a_bad_request_gets_its_status_and_the_connection_is_closed(
     redis_url: str, request_bytes: bytes, status: bytes
