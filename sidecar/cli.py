@@ -128,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         "watch", help="follow the projection's changes, a line each (like kubectl get -w)"
     )
     watch.add_argument("project", nargs="?", type=project_name, help="only this owner/repo")
-    watch.add_argument("--api", help="through the read API at this URL (else straight from Redis)")
+    watch.add_argument(
+        "--api", type=http_url, help="through the read API at this URL (else straight from Redis)"
+    )
     watch.add_argument("--token", help="the API's token (default: TASK_TRACKING_API_TOKEN)")
-    watch.add_argument("--count", type=int, help="stop after this many changes")
+    watch.add_argument("--count", type=positive_int, help="stop after this many changes")
     watch.set_defaults(command=cmd_watch)
 
     api = commands.add_parser(
@@ -168,6 +170,14 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
+
+
+def http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// or https:// URL (for example: http://localhost:9471)"
+        )
+    return text
 
 
 def utc_day(text: str) -> str:

@@ -190,14 +190,22 @@ async def test_replay_refuses_bad_days_and_projects_and_says_when_nothing_matche
     assert "nothing matched: no archive object under task-tracking/o/r" in nothing.stderr
 
 
-@pytest.mark.parametrize("command", ["list", "watch"])
-async def test_list_and_watch_refuse_a_name_that_is_not_a_project(
-    redis_url: str, command: str
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # as replay does (before, `list nope` printed "no executions for nope", exit 0)
+        (("list", "nope"), "'nope' is not a project: use owner/repo"),
+        (("watch", "nope"), "'nope' is not a project: use owner/repo"),
+        (("watch", "--count", "0"), "--count: '0' is not a positive whole number"),  # ran on
+        (("watch", "--api", "localhost:9471"), "--api: 'localhost:9471' is not an http://"),
+    ],
+)
+async def test_list_and_watch_refuse_what_they_cannot_follow(
+    redis_url: str, args: tuple[str, ...], message: str
 ) -> None:
-    """As replay does (before, `list nope` printed "no executions for nope" and exited 0)."""
-    result = await asyncio.to_thread(cli, command, "nope", env=plain_env(redis_url=redis_url))
+    result = await asyncio.to_thread(cli, *args, env=plain_env(redis_url=redis_url))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "'nope' is not a project: use owner/repo" in result.stderr
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize(
