@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar.config import ConfigError, listen_problem
 from sidecar.connections import connect
+from sidecar.events import PROJECT_RE
 from sidecar.http import LISTEN_BACKLOG
 from sidecar.read.changes import Change, ChangesFeed, Subscriber, TooOld
 from sidecar.read.projection import (
@@ -173,6 +174,8 @@ async def changes(request: web.Request) -> web.StreamResponse:
     now; `reset` when that position cannot be resumed, or when the client falls behind."""
     feed = request.app[FEED_KEY]
     project = request.query.get("project") or None
+    if project is not None and not PROJECT_RE.fullmatch(project):
+        return error(400, f"project: {project!r} is not owner/repo")
     after = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     response = web.StreamResponse(
         headers={

@@ -83,6 +83,16 @@ async def test_project_filter_sends_only_that_projects_changes(
     stream.close()
 
 
+async def test_a_project_filter_that_is_not_owner_repo_is_a_400(
+    api: tuple[str, Any], session: aiohttp.ClientSession
+) -> None:
+    """Before, it answered 200 and a stream that never carried anything."""
+    base, _ = api
+    async with session.get(f"{base}/api/v1/changes", params={"project": "bad"}) as reply:
+        assert reply.status == 400
+        assert await reply.json() == {"error": "project: 'bad' is not owner/repo"}
+
+
 async def test_resume_with_last_event_id_delivers_exactly_the_missed_changes(
     api: tuple[str, Any], redis_client: aioredis.Redis, session: aiohttp.ClientSession
 ) -> None:
