@@ -21,7 +21,6 @@ from aiohttp import web
 from sidecar.config import ConfigError, listen_problem
 from sidecar.connections import connect
 from sidecar.events import PROJECT_RE
-from sidecar.http import LISTEN_BACKLOG
 from sidecar.read.changes import Change, ChangesFeed, Subscriber, TooOld
 from sidecar.read.projection import (
     DEFAULT_LIMIT,
@@ -265,6 +264,10 @@ def _key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+# Connections queued before they are accepted: aiohttp's TCPSite default, as before.
+API_BACKLOG = 128
+
+
 async def start_api(
     redis_url: str, host: str, port: int, *, token: str | None = None
 ) -> tuple[web.AppRunner, int]:
@@ -274,7 +277,7 @@ async def start_api(
     # (a reader started and then cancelled in its blocking read kept the process alive).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        sock = socket.create_server((host, port), family=family, backlog=API_BACKLOG)
     except OSError as exc:
         raise ConfigError(listen_problem("TASK_TRACKING_API_PORT", host, port, exc)) from exc
     # SSE handlers never finish by themselves: a stop cuts them after a moment (their
