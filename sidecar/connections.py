@@ -30,7 +30,8 @@ class _HiredisPacking:
     when hiredis is installed; its asyncio connections pack in Python, which cost about
     1 us per event on the projector's XACK and script call (bench/)."""
 
-    _serializer = HiredisRespSerializer()
+    # redis-py 8.2 left its constructor unannotated; 8.1 did not
+    _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call,unused-ignore]
 
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._serializer.pack(*args)
