@@ -125,13 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(command=cmd_list)
 
     watch = commands.add_parser(
-        "watch", help="follow the projection's changes, a line each (like kubectl get -w)"
+        "watch",
+        help="list the newest executions, then follow the changes (like kubectl get -w)",
     )
     watch.add_argument("project", nargs="?", type=project_name, help="only this owner/repo")
     watch.add_argument(
         "--api", type=http_url, help="through the read API at this URL (else straight from Redis)"
     )
     watch.add_argument("--token", help="the API's token (default: TASK_TRACKING_API_TOKEN)")
+    watch.add_argument(
+        "--limit", type=positive_int, default=20, help="executions listed first (default 20)"
+    )
+    watch.add_argument(
+        "--watch-only", action="store_true", help="list nothing first: the changes only"
+    )
     watch.add_argument("--count", type=positive_int, help="stop after this many changes")
     watch.set_defaults(command=cmd_watch)
 
@@ -349,7 +356,12 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("TASK_TRACKING_API_TOKEN") or None
     redis_url = None if args.api else client_settings().redis_url
     return await watch(
-        redis_url=redis_url, api_url=args.api, token=token, project=args.project, count=args.count
+        redis_url=redis_url,
+        api_url=args.api,
+        token=token,
+        project=args.project,
+        count=args.count,
+        rows=0 if args.watch_only else args.limit,
     )
 
 

@@ -82,7 +82,7 @@ async def test_status_and_list_json_print_fields_in_their_json_types(
     assert "\x1b" not in out and "a\\x1b[31m\\nb" in out
 
 
-async def test_watch_prints_a_line_per_change_from_redis_and_through_the_api(
+async def test_watch_only_prints_a_line_per_change_from_redis_and_through_the_api(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     async with running_sidecar(redis_url, api_enabled=True, api_port=0) as sidecar:
@@ -90,7 +90,13 @@ async def test_watch_prints_a_line_per_change_from_redis_and_through_the_api(
             out = io.StringIO()
             watching = asyncio.ensure_future(
                 watch(
-                    redis_url=redis_url, api_url=api, token=None, project="org/w", count=2, out=out
+                    redis_url=redis_url,
+                    api_url=api,
+                    token=None,
+                    project="org/w",
+                    count=2,
+                    rows=0,  # --watch-only
+                    out=out,
                 )
             )
             # the header is printed once it follows the changes
@@ -109,3 +115,63 @@ async def test_watch_prints_a_line_per_change_from_redis_and_through_the_api(
             assert lines[0].split()[:3] == ["EXECUTION", "TASK", "STATUS"], api
             assert [line.split()[2] for line in lines[1:]] == ["in_progress", "success"], api
             assert all(line.split()[0] == name for line in lines[1:]), api
+
+
+async def test_watch_lists_the_newest_rows_first_then_follows_without_repeating_them(
+    redis_url: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `kubectl get -w`: the rows, then the changes after them. The feed is resumed
+    from its position before the rows were read, so the changes the rows already show
+    come again: here from the feed's start (position 0-0), where `old` went from
+    in_progress to success and `new` from in_progress to success once per run before;
+    none of them is printed again."""
+    async with running_sidecar(redis_url, api_enabled=True, api_port=0) as sidecar:
+        await publish(redis_client, STREAM, [event("old", "in_progress", T0, project="org/l")])
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="batch 1")
+        await publish(
+            redis_client,
+            STREAM,
+            [event("old", "success", T0 + 1, project="org/l"),
+             event("new", "in_progress", T0 + 2, project="org/l"),
+             event("elsewhere", "success", T0 + 3, project="org/other")],
+        )  # fmt: skip
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR), message="batch 2")
+        for module in ("projection", "terminal", "app"):  # each imported it
+            monkeypatch.setattr(f"sidecar.read.{module}.changes_position", _feed_start)
+        api = f"http://127.0.0.1:{sidecar.api_port}"
+        for number, (source, project) in enumerate(
+            [(None, "org/l"), (api, "org/l"), (None, None), (api, None)]
+        ):
+            out = io.StringIO()
+            watching = asyncio.ensure_future(
+                watch(
+                    redis_url=redis_url,
+                    api_url=source,
+                    token=None,
+                    project=project,
+                    count=1,
+                    rows=3,
+                    out=out,
+                )
+            )
+            await wait_for(lambda: "EXECUTION" in out.getvalue(), message="the rows")  # noqa: B023
+            await publish(redis_client, STREAM, [event("new", "success", T0 + 10 + number,
+                                                       project="org/l")])  # fmt: skip
+            await asyncio.wait_for(watching, 20)
+            lines = [line.split() for line in out.getvalue().splitlines()]
+            new = ["new", "in_progress" if number == 0 else "success"]  # then each success
+            rows = [["old", "success"], ["elsewhere", "success"], new]
+            expected_rows = [row for row in rows if project is None or row[0] != "elsewhere"]
+            assert lines[0][:3] == ["EXECUTION", "TASK", "STATUS"], (source, project)
+            # the newest, the oldest of them first; then only the change made after them
+            assert [[row[0], row[2]] for row in lines[1:]] == [
+                *expected_rows,
+                ["new", "success"],
+            ], (
+                source,
+                project,
+            )
+
+
+async def _feed_start(redis: Any) -> str:
+    return "0-0"
