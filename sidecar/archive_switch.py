@@ -319,4 +319,5 @@ def runner_options(settings: Settings) -> RunnerOptions:
         claim_idle_ms=settings.redis_claim_idle_ms,
         dead_letter_maxlen=settings.dead_letter_maxlen,
         limits=settings.event_limits,
+        redis_url=settings.redis_url,
     )

@@ -97,7 +97,8 @@ LEAST_PRIVILEGE_ACL = (
 
 
 def redis_hint(exc: Exception, url: str | None = None) -> str:
-    """A hint for the usual TLS mix-up, to append to a connection error."""
+    """A hint for the usual TLS mix-up, to append to an error of a first connection (a
+    server that restarts closes connections the same way)."""
     import os
 
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -113,6 +114,7 @@ def redis_hint(exc: Exception, url: str | None = None) -> str:
             " (the URL asks for TLS, rediss://: if the server does not speak TLS, use"
             " redis:// in TASK_TRACKING_REDIS_URL)"
         )
-    if scheme in ("redis", "redis+cluster") and "closed by server" in text:
+    # A TLS-only server closes or resets a plain connection at its first bytes.
+    if scheme in ("redis", "redis+cluster") and ("closed by server" in text or "reset" in text):
         return " (if the server requires TLS, use rediss:// in TASK_TRACKING_REDIS_URL)"
     return ""

@@ -100,6 +100,8 @@ class RunnerOptions:
     read_budget_bytes: int = READ_BUDGET_BYTES
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
+    # Only its scheme is read: for the TLS hint of a first connection's error.
+    redis_url: str = ""
 
 
 class ConsumerGroupRunner:
@@ -133,6 +135,9 @@ class ConsumerGroupRunner:
         self._over_budget = False  # a native read's reply was dropped (ReplyOverBudget)
         self._force_flush = False
         self._redis_lost = False
+        # A connection closed by the server before any call went through is the usual
+        # sign of a TLS server reached with redis://; after one, it is a restart.
+        self._ever_ready = False
         # worker: "projector" or "archiver" (the log's "worker" key); consumer: this replica.
         context = {"worker": worker or group, "group": group, "consumer": consumer}
         self._log = ContextLogger(log, context)
@@ -274,6 +279,7 @@ class ConsumerGroupRunner:
             self.metrics.redis_reconnects.labels(self.group).inc()
             self._redis_lost = False
         self.failure = None
+        self._ever_ready = True
         self.ready.set()
         self.metrics.redis_connected.labels(self.group).set(1)
 
@@ -286,9 +292,8 @@ class ConsumerGroupRunner:
             elif isinstance(exc, WorkerError):
                 self._log.error("%s; retrying with backoff", failure)
             elif isinstance(exc, TRANSIENT):
-                self._log.warning(
-                    "Redis unavailable, retrying with backoff: %s%s", failure, redis_hint(exc)
-                )
+                hint = "" if self._ever_ready else redis_hint(exc, self.options.redis_url)
+                self._log.warning("Redis unavailable, retrying with backoff: %s%s", failure, hint)
             else:
                 self._log.exception("worker error, retrying with backoff")
         self.failure = failure

@@ -14,6 +14,7 @@ tests/servers.py `start_tls_server`); the ACL tests run on the session's kind.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ from tests.servers import (
     TlsServer,
     acl_refusals,
     create_acl_user,
+    start_server,
     start_tls_server,
 )
 
@@ -224,3 +226,33 @@ async def test_rediss_refuses_a_server_certificate_from_another_ca(
     assert isinstance(refused.value.__cause__ or refused.value.__context__, ssl.SSLError) or (
         "certificate verify failed" in str(refused.value)
     ), refused.value
+
+
+def _unavailable(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "sidecar.consumer" and "Redis unavailable" in r.getMessage()
+    ]
+
+
+async def test_the_tls_hint_is_for_a_first_connection_closed_not_for_a_restart(
+    tls_server: TlsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS-only server reached with redis:// closes the connection: the warning says to
+    use rediss://. A plain server that goes away after the sidecar worked with it closes
+    connections the same way, and there the hint would send the user the wrong way."""
+    caplog.set_level(logging.WARNING, logger="sidecar.consumer")
+    async with running_sidecar(f"redis://127.0.0.1:{tls_server.port}/0"):
+        await wait_for(lambda: _unavailable(caplog), message="the warning")
+    assert "use rediss:// in TASK_TRACKING_REDIS_URL" in _unavailable(caplog)[0]
+    caplog.clear()
+    server = start_server()
+    try:
+        async with running_sidecar(server.url) as sidecar:
+            await wait_for(lambda: sidecar.projector_runner.ready.is_set(), message="ready")
+            await asyncio.to_thread(server.stop)
+            await wait_for(lambda: _unavailable(caplog), message="the warning")
+    finally:
+        server.stop()
+    assert all("rediss" not in message for message in _unavailable(caplog)), caplog.text
