@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from sidecar import __version__, eventloop
-from sidecar.config import ConfigError, Settings, load_settings, redact
+from sidecar.config import RESOURCE_NAME_RE, ConfigError, Settings, load_settings, redact
 from sidecar.connections import redis_hint
 from sidecar.events import PROJECT_RE, describe_event_error
 from sidecar.logs import configure_logging
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="check the settings, Redis permissions, the archive target and Kubernetes"
     )
     doctor.add_argument(
-        "--resource", metavar="NAME",
+        "--resource", metavar="NAME", type=resource_name,
         help="also check this TaskTracking resource (default: TASK_TRACKING_RESOURCE_NAME)",
     )  # fmt: skip
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -197,6 +197,14 @@ def utc_day(text: str) -> str:
         text = ""
     if len(text) != 10:
         raise argparse.ArgumentTypeError("not a UTC day: use YYYY-MM-DD (e.g. 2026-03-15)")
+    return text
+
+
+def resource_name(text: str) -> str:
+    if not RESOURCE_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Kubernetes name: lowercase letters, digits, '-' and '.'"
+        )
     return text
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from sidecar.events import EventLimits
 
@@ -71,6 +71,15 @@ class FlushPolicy(_Model):
 
 # S3's rule for bucket names, as the CRD's schema has it (manifests/crd/).
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# Kubernetes names: a resource's (DNS-1123 subdomain) and a namespace's (DNS-1123 label).
+LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+RESOURCE_NAME_RE = re.compile(rf"(?=.{{1,253}}$){LABEL}(\.{LABEL})*")
+NAMESPACE_RE = re.compile(LABEL)
+# What to do about a pattern a field's value missed (pydantic says only the pattern).
+PATTERN_FIXES = {
+    "endpoint_url": "must be an http:// or https:// URL (for example: http://minio:9000)",
+    "http_host": "must be an IP address or a host name (for example: 0.0.0.0, or :: for IPv6)",
+}
 
 
 class ArchiveConfig(_Model):
@@ -239,7 +248,29 @@ class Settings(BaseModel):
     @field_validator("api_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
+        # A Secret made with `echo` ends with a newline, which no request header can hold.
+        value = value.strip() if isinstance(value, str) else value
         return None if value == "" else value
+
+    @field_validator("resource_name")
+    @classmethod
+    def _resource_name(cls, value: str) -> str:
+        if value and not RESOURCE_NAME_RE.fullmatch(value):
+            raise ValueError(
+                "must be a Kubernetes name: at most 253 lowercase letters, digits, '-' and '.',"
+                " starting and ending with a letter or digit (for example: task-tracking)"
+            )
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if value and not NAMESPACE_RE.fullmatch(value):
+            raise ValueError(
+                "must be a Kubernetes namespace: at most 63 lowercase letters, digits and '-',"
+                " starting and ending with a letter or digit (for example: default)"
+            )
+        return value
 
     @property
     def event_limits(self) -> EventLimits:
@@ -322,6 +353,10 @@ def first_problem(exc: ValidationError, name: Callable[[tuple[str | int, ...]], 
         message = re.sub(r"\{(\w+)\}", lambda m: name((*loc, m.group(1))), rule.message)
         return Problem((*loc, rule.field), message, True, error["type"], None)
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "string_pattern_mismatch":
+        message = PATTERN_FIXES.get(to_snake(str(loc[-1])), message)
+    elif error["type"] == "string_too_short" and (error.get("ctx") or {}).get("min_length") == 1:
+        message = "must not be empty (remove it for the default)"
     return Problem(loc, message, False, error["type"], error.get("input"))
 
 

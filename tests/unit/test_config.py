@@ -100,6 +100,39 @@ def test_the_archive_models_rules_name_the_variable(name: str, value: str, messa
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "fix"),
+    [
+        # pydantic's own messages only quoted the pattern, or said "at least 1 character"
+        ("S3_ENDPOINT_URL", "minio:9000", "must be an http:// or https:// URL (for example:"),
+        ("HTTP_HOST", "local host", "must be an IP address or a host name (for example:"),
+        ("REDIS_STREAM_KEY", "", "must not be empty (remove it for the default)"),
+        # a Kubernetes name the API would never serve: the watch found nothing, silently
+        ("RESOURCE_NAME", "Task_Tracking", "must be a Kubernetes name: at most 253 lowercase"),
+        ("RESOURCE_NAME", "a" * 254, "must be a Kubernetes name"),
+        ("NAMESPACE", "Team-A", "must be a Kubernetes namespace: at most 63 lowercase"),
+        ("NAMESPACE", "a.b", "must be a Kubernetes namespace"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_is_told_how_to_fix_it(name: str, value: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"TASK_TRACKING_REDIS_URL": "redis://x", f"TASK_TRACKING_{name}": value})
+    assert str(caught.value).startswith(f"TASK_TRACKING_{name}={value!r} is invalid: {fix}")
+
+
+def test_kubernetes_names_and_a_token_from_a_secret_made_with_echo_are_taken() -> None:
+    settings = load_settings(
+        {
+            "TASK_TRACKING_REDIS_URL": "redis://x",
+            "TASK_TRACKING_RESOURCE_NAME": "task-tracking.v1",
+            "TASK_TRACKING_NAMESPACE": "team-a",
+            "TASK_TRACKING_API_TOKEN": "s3cret\n",  # no request header can hold the newline
+        }
+    )
+    assert (settings.resource_name, settings.namespace) == ("task-tracking.v1", "team-a")
+    assert settings.api_token == "s3cret"
+
+
 def test_the_environment_fills_the_archive_model_and_empty_means_unset() -> None:
     settings = load_settings(
         {

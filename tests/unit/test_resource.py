@@ -128,7 +128,11 @@ def test_an_empty_spec_is_the_environment_with_archival_off() -> None:
         ({"archive": {"flush": {"maxBytes": 10}}}, "spec.archive.flush.maxBytes: "),
         ({"archive": {"flush": {"maxAgeSeconds": 0}}}, "spec.archive.flush.maxAgeSeconds: "),
         ({"archive": {"prefix": "a/"}}, "spec.archive.prefix: must not start or end with '/'"),
-        ({"archive": {"endpointUrl": "ftp://x"}}, "spec.archive.endpointUrl: "),
+        (
+            {"archive": {"endpointUrl": "ftp://x"}},
+            "spec.archive.endpointUrl: must be an http:// or https:// URL (for example:",
+        ),
+        ({"archive": {"region": ""}}, "spec.archive.region: must not be empty (remove it"),
         ({"retention": {"projectIndexMaxSize": -1}}, "spec.retention.projectIndexMaxSize: "),
         ({"archive": {"flush": {"maxEvents": "10"}}}, "spec.archive.flush.maxEvents: "),
     ],
