@@ -26,9 +26,13 @@ if TYPE_CHECKING:
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
+BUCKET_MISSING = (
+    "bucket does not exist (create it, or set TASK_TRACKING_S3_BUCKET or the resource's"
+    " spec.archive.bucket to one that does)"
+)
 # Errors no retry can fix: the operator has to change the configuration.
 CONFIG_ERROR_CODES = {
-    "NoSuchBucket": "bucket does not exist",
+    "NoSuchBucket": BUCKET_MISSING,
     "AccessDenied": "access denied (check the IAM role / credentials)",
     "AllAccessDisabled": "access disabled for this bucket",
     "InvalidAccessKeyId": "invalid access key",
@@ -201,7 +205,7 @@ class S3Sink:
         except SinkError as exc:
             if exc.reason in ("404", "NoSuchBucket"):
                 raise SinkError(
-                    f"s3://{self.bucket}: bucket does not exist", "NoSuchBucket", configuration=True
+                    f"s3://{self.bucket}: {BUCKET_MISSING}", "NoSuchBucket", configuration=True
                 ) from exc
             if exc.reason == "403":
                 raise SinkError(
