@@ -23,6 +23,7 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
+from sidecar import eventloop
 from sidecar.archiver import S3TaskHistoryArchiver
 from sidecar.conditional_writes import ConditionalWrites, clear_conditional_writes
 from sidecar.config import ArchiveConfig, Settings
@@ -306,7 +307,7 @@ class ArchiveSwitch:
                 self.archiver.buffered if self.archiver is not None else 0,
                 extra={"worker": "archiver", "bucket": self.target.label},
             )
-            self._task.cancel()
+            await eventloop.cancel_and_wait(self._task)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self.runner = self.archiver = self._task = None

@@ -30,6 +30,24 @@ except ImportError:  # not on every platform (Windows); asyncio's own loop works
 YOUNG_GENERATION_THRESHOLD = 20_000
 
 
+# How long a cancelled task may go on before it is cancelled again (`cancel_and_wait`).
+CANCEL_AGAIN_SECONDS = 0.1
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it has ended (its own error, if any, is raised).
+
+    Python 3.11's `asyncio.wait_for`, which redis-py awaits inside commands, loses a
+    cancellation that arrives as the future it waits for completes (CPython gh-86296,
+    rewritten in 3.12): the task goes on as if never cancelled, here a reader's next
+    blocking XREAD and then the next. So the cancellation is repeated until it ends."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
+    if not task.cancelled():
+        task.result()
+
+
 def tune_garbage_collector() -> None:
     """Freeze what exists now (modules, schemas, settings: alive until exit) so full
     collections skip it, and collect the young generation less often."""
