@@ -21,7 +21,7 @@ from aiohttp import web
 from sidecar.config import ConfigError, listen_problem
 from sidecar.connections import connect
 from sidecar.events import PROJECT_RE
-from sidecar.read.changes import Change, ChangesFeed, Subscriber, TooOld
+from sidecar.read.changes import ChangesFeed, Subscriber, TooOld, stream_id
 from sidecar.read.projection import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -40,6 +40,10 @@ HEARTBEAT_SECONDS = 15.0
 PROBES = ("/healthz", "/readyz")
 # A client that cannot take a write (its socket buffer full) for this long is dropped.
 WRITE_TIMEOUT_SECONDS = 5.0
+# Writes of changes a second to all clients together, about, and the longest a client's
+# next write waits (see `_stream`): 100 clients wait 5 ms, 1,000 and more 50 ms.
+WRITES_PER_SECOND = 20_000
+COALESCE_MAX_SECONDS = 0.05
 PROJECT = r"[A-Za-z0-9][A-Za-z0-9-]{0,38}"
 REPO = r"[A-Za-z0-9._-]{1,100}"
 
@@ -160,10 +164,6 @@ async def executions(request: web.Request) -> web.Response:
     return web.json_response(page, dumps=_dumps)
 
 
-def _event(change: Change) -> bytes:
-    return f"id: {change.id}\nevent: execution\ndata: {change.state}\n\n".encode()
-
-
 def _reset(reason: str) -> bytes:
     return f"event: reset\ndata: {_dumps({'reason': reason})}\n\n".encode()
 
@@ -203,7 +203,8 @@ async def changes(request: web.Request) -> web.StreamResponse:
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
-    await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_SECONDS)
+    async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+        await response.write(data)
 
 
 async def _stream(
@@ -213,55 +214,36 @@ async def _stream(
     subscriber: Subscriber,
     after: str | None,
 ) -> None:
-    """Without `after`, the queue alone: it holds every change since the subscription
-    (reading the stream's position here instead would drop what queued up meanwhile)."""
-    last = (0, 0)
+    """Without `after`, the feed's log alone: it holds every change since the
+    subscription (reading the stream's position here instead would drop what came
+    meanwhile). After a write, the next waits a moment that grows with the number of
+    clients: what comes meanwhile goes out in one write, and a busy feed costs about
+    `WRITES_PER_SECOND` writes, not one per change and client."""
+    last = None
     if after is not None:
-        last = _key(after)
+        last = stream_id(after)
         async for change in feed.since(after):
             if subscriber.project is None or change.project == subscriber.project:
-                await _write(response, _event(change))
-            last = _key(change.id)
+                await _write(response, change.frame)
+            last = change.position
     heartbeat = request.app[HEARTBEAT_KEY]
     while True:
+        if not await feed.wait(subscriber, heartbeat):
+            await _write(response, b": heartbeat\n\n")
+            continue
+        fresh = feed.take(subscriber)
         if subscriber.overflowed:  # a slow client, or the feed itself was reset
             await _write(response, _reset("the client fell behind the changes"))
             return
-        waiting = _take(subscriber)
-        if not waiting:
-            subscriber.wake.clear()
-            getter = asyncio.ensure_future(subscriber.queue.get())
-            waker = asyncio.ensure_future(subscriber.wake.wait())
-            done, _ = await asyncio.wait(
-                {getter, waker}, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
-            )
-            waker.cancel()
-            if getter not in done:
-                getter.cancel()
-                if not done:
-                    await _write(response, b": heartbeat\n\n")
-                continue
-            waiting = [getter.result(), *_take(subscriber)]
-        fresh = [change for change in waiting if _key(change.id) > last]  # not sent yet
+        if last is not None:  # resumed: the stream's part may have reached into the log
+            fresh = [change for change in fresh if change.position > last]
+            if fresh:  # and so is every change after it
+                last = None
         if fresh:
-            last = _key(fresh[-1].id)
-            # what queued up goes out in one write: one syscall for a burst, not one each
-            await _write(response, b"".join(_event(change) for change in fresh))
-
-
-def _take(subscriber: Subscriber, limit: int = 256) -> list[Change]:
-    taken: list[Change] = []
-    while len(taken) < limit:
-        try:
-            taken.append(subscriber.queue.get_nowait())
-        except asyncio.QueueEmpty:
-            break
-    return taken
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
+            await _write(response, b"".join(change.frame for change in fresh))
+            await asyncio.sleep(
+                min(COALESCE_MAX_SECONDS, len(feed.subscribers) / WRITES_PER_SECOND)
+            )
 
 
 # Connections queued before they are accepted: aiohttp's TCPSite default, as before.

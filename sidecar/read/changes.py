@@ -3,13 +3,16 @@
 The projector appends each change that took effect to the capped stream
 `task-tracking:changes` (sidecar.keys). One `XREAD BLOCK` loop per API process reads it
 from the last ID it saw (never `$`, which would skip what arrives between two reads) and
-hands each entry to every subscriber's bounded queue without waiting on any of them: a
-subscriber whose queue is full is marked overflowed, sent a `reset` and dropped by its
-handler, so a slow client never slows the others or the projector.
+appends each entry, its SSE frame encoded once, to one log shared by every subscriber,
+then wakes them all once per read. Each subscriber keeps only its position in that log,
+so a change costs the same whatever the number of clients until a client takes its
+share; a subscriber more than `QUEUE_SIZE` changes behind is marked overflowed, sent a
+`reset` and dropped by its handler, so a slow client never slows the others or the
+projector.
 
 Resuming after `Last-Event-ID` is exact: the handler subscribes first, then reads the
-stream after that ID with XRANGE, then drains its queue skipping IDs it already sent.
-Everything added after the subscription is in the queue, everything before is in the
+stream after that ID with XRANGE, then takes from the log skipping IDs it already sent.
+Everything added after the subscription is in the log, everything before is in the
 stream. The ID is too old when the stream has trimmed an entry after it (XINFO STREAM's
 `max-deleted-entry-id`), or ahead of the stream's last ID (the data was reset): `reset`.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
+from sidecar import eventloop
 from sidecar.keys import CHANGES_KEY, execution_key
 from sidecar.read.projection import ReadClient, decode_execution
 
@@ -50,11 +54,19 @@ def stream_id(value: str) -> tuple[int, int]:
 @dataclass(frozen=True, slots=True)
 class Change:
     """One entry of the feed: its ID (the SSE id), project and the execution's state as
-    JSON (the `data:` of its SSE event)."""
+    JSON (the `data:` of its SSE event); `position` is the ID as numbers, `frame` the SSE
+    event itself."""
 
     id: str
     project: str
     state: str
+    position: tuple[int, int] = field(init=False)
+    frame: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "position", stream_id(self.id))
+        frame = f"id: {self.id}\nevent: execution\ndata: {self.state}\n\n".encode()
+        object.__setattr__(self, "frame", frame)
 
 
 async def read_change(redis: ReadClient, entry_id: Any, fields: dict[Any, Any]) -> Change:
@@ -79,25 +91,12 @@ def _dumps(value: object) -> str:
 
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client's queue of changes (filtered by project, when it asked)."""
+    """One SSE client: the project it asked for (None: all) and its position in the
+    feed's log (the sequence number of the last change it took)."""
 
     project: str | None
-    queue: asyncio.Queue[Change] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    taken: int
     overflowed: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def offer(self, change: Change) -> None:
-        if self.overflowed or (self.project is not None and change.project != self.project):
-            return
-        try:
-            self.queue.put_nowait(change)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            self.wake.set()
-
-    def reset(self) -> None:
-        self.overflowed = True
-        self.wake.set()
 
 
 class TooOld(Exception):
@@ -114,24 +113,66 @@ class ChangesFeed:
         self.last_id: str | None = None
         self.started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The newest changes: _log[i] has the sequence number _base + i; _sequence is the
+        # last one appended. The log keeps at least QUEUE_SIZE of them.
+        self._log: list[Change] = []
+        self._base = 1
+        self._sequence = 0
+        self._appended = asyncio.Event()  # set, and replaced, after each append
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="changes-feed")
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await eventloop.cancel_and_wait(self._task)
 
     @contextlib.contextmanager
     def subscribe(self, project: str | None) -> Any:
-        subscriber = Subscriber(project)
+        subscriber = Subscriber(project, self._sequence)
         self.subscribers.add(subscriber)
         try:
             yield subscriber
         finally:
             self.subscribers.discard(subscriber)
+
+    async def wait(self, subscriber: Subscriber, seconds: float) -> bool:
+        """Until there is something for `subscriber` to take (a change, or its reset),
+        at most `seconds`; False when nothing came."""
+        if subscriber.taken < self._sequence or subscriber.overflowed:
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self._appended.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def take(self, subscriber: Subscriber) -> list[Change]:
+        """The changes `subscriber` has not taken, of its project; none, and the subscriber
+        marked overflowed, when it fell more than QUEUE_SIZE behind."""
+        if self._sequence - subscriber.taken > QUEUE_SIZE:
+            subscriber.overflowed = True
+        if subscriber.overflowed:
+            return []
+        fresh = self._log[subscriber.taken + 1 - self._base :]
+        subscriber.taken = self._sequence
+        if subscriber.project is None:
+            return fresh
+        return [change for change in fresh if change.project == subscriber.project]
+
+    def _append(self, changes: list[Change]) -> None:
+        self._log += changes
+        self._sequence += len(changes)
+        if len(self._log) > 2 * QUEUE_SIZE:  # drop the oldest, now and then
+            dropped = len(self._log) - QUEUE_SIZE
+            del self._log[:dropped]
+            self._base += dropped
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._appended.set()
+        self._appended = asyncio.Event()
 
     async def _info(self) -> dict[str, Any] | None:
         try:
@@ -195,11 +236,10 @@ class ChangesFeed:
                     await self._check_reset()
                     continue
                 for _, rows in _streams(reply):
-                    for entry_id, fields in rows:
-                        change = await read_change(self.redis, entry_id, fields)
-                        self.last_id = change.id
-                        for subscriber in list(self.subscribers):
-                            subscriber.offer(change)
+                    changes = [await read_change(self.redis, *row) for row in rows]
+                    if changes:
+                        self.last_id = changes[-1].id
+                        self._append(changes)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -223,8 +263,9 @@ class ChangesFeed:
             self.last_id = position
 
     def _reset_all(self) -> None:
-        for subscriber in list(self.subscribers):
-            subscriber.reset()
+        for subscriber in self.subscribers:
+            subscriber.overflowed = True
+        self._wake_all()
 
 
 def _text(value: Any) -> str:

@@ -10,9 +10,11 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar.connections import connect
 from sidecar.keys import CHANGES_KEY
 from sidecar.read import app as read_app
 from sidecar.read import changes as read_changes
@@ -267,3 +269,44 @@ async def test_a_change_right_after_subscribing_is_delivered_however_slow_the_se
     [change] = await asyncio.wait_for(stream.take(1), 10)  # (heartbeats reset take's own)
     assert change.data["executionId"] == "now"
     stream.close()
+
+
+async def test_the_shared_log_gives_each_subscriber_its_changes_once_in_order_across_trims(
+    redis_url: str,
+) -> None:
+    """One log for every client (each keeps only its position): a subscriber that takes
+    as changes come gets all of them, once and in order, while the log drops its oldest
+    several times over; one filtered by project gets that project's; one that never takes
+    is marked overflowed once it is more than QUEUE_SIZE behind, and gets nothing more."""
+    client = connect(redis_url, decode_responses=True)
+    await client.delete(CHANGES_KEY)
+    feed = read_changes.ChangesFeed(client, block_ms=100)
+    await feed.start()
+    total = 5 * read_changes.QUEUE_SIZE
+    try:
+        await feed.started.wait()
+        with (
+            feed.subscribe(None) as steady,
+            feed.subscribe("o/a") as filtered,
+            feed.subscribe(None) as idle,
+        ):
+            got: list[str] = []
+            got_a: list[str] = []
+            for start in range(0, total, 500):
+                async with client.pipeline(transaction=False) as pipe:
+                    for n in range(start, start + 500):  # the feed's first entry layout
+                        project = "o/a" if n % 3 == 0 else "o/b"
+                        pipe.xadd(CHANGES_KEY, {"executionId": f"e{n}", "project": project})
+                    await pipe.execute()
+                while len(got) < start + 500:
+                    assert await feed.wait(steady, 10), f"{len(got)} changes only"
+                    got += [orjson.loads(c.state)["executionId"] for c in feed.take(steady)]
+                    got_a += [orjson.loads(c.state)["executionId"] for c in feed.take(filtered)]
+            assert got == [f"e{n}" for n in range(total)]
+            assert got_a == [f"e{n}" for n in range(0, total, 3)]
+            assert not steady.overflowed and not filtered.overflowed
+            assert await feed.wait(idle, 0.1)  # something to take: its reset
+            assert feed.take(idle) == [] and idle.overflowed
+    finally:
+        await feed.stop()
+        await client.aclose()
