@@ -227,10 +227,10 @@ async def _stream(
                 await _write(response, change.frame)
             last = change.position
     heartbeat = request.app[HEARTBEAT_KEY]
+    clock = asyncio.get_running_loop().time
+    quiet_until = clock() + heartbeat  # a heartbeat when nothing was written till then
     while True:
-        if not await feed.wait(subscriber, heartbeat):
-            await _write(response, b": heartbeat\n\n")
-            continue
+        await feed.wait(subscriber, max(0.0, quiet_until - clock()))
         fresh = feed.take(subscriber)
         if subscriber.overflowed:  # a slow client, or the feed itself was reset
             await _write(response, _reset("the client fell behind the changes"))
@@ -244,6 +244,10 @@ async def _stream(
             await asyncio.sleep(
                 min(COALESCE_MAX_SECONDS, len(feed.subscribers) / WRITES_PER_SECOND)
             )
+            quiet_until = clock() + heartbeat
+        elif clock() >= quiet_until:  # also for a project's client on a busy feed
+            await _write(response, b": heartbeat\n\n")
+            quiet_until = clock() + heartbeat
 
 
 # Connections queued before they are accepted: aiohttp's TCPSite default, as before.

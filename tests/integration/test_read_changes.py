@@ -227,8 +227,9 @@ async def test_a_slow_client_is_reset_and_dropped_without_delaying_the_others(
 
 
 async def test_an_idle_stream_gets_heartbeat_comments(
-    redis_url: str, session: aiohttp.ClientSession
+    redis_url: str, redis_client: aioredis.Redis, session: aiohttp.ClientSession
 ) -> None:
+    """Idle for the client: no change at all, or none of its project on a busy feed."""
     runner = aiohttp.web.AppRunner(
         read_app.build_app(redis_url, heartbeat_seconds=0.2), shutdown_timeout=0.5
     )
@@ -242,6 +243,17 @@ async def test_an_idle_stream_gets_heartbeat_comments(
             await asyncio.wait_for(stream.next(), 1.5)
         assert stream.comments.count("heartbeat") >= 2
         stream.close()
+        quiet = await open_changes(session, f"http://127.0.0.1:{port}", project="o/quiet")
+
+        async def busy() -> None:  # another project's changes, every 20 ms
+            for n in range(75):
+                await redis_client.xadd(CHANGES_KEY, {"executionId": f"b{n}", "project": "o/b"})
+                await asyncio.sleep(0.02)
+
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(quiet.next(), busy()), 1.5)
+        assert quiet.comments.count("heartbeat") >= 2
+        quiet.close()
     finally:
         await runner.cleanup()
 
