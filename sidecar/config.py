@@ -272,6 +272,24 @@ class Settings(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _workers_apart(self) -> Settings:
+        if self.redis_archiver_consumer_group == self.redis_projector_consumer_group:
+            raise RuleError(
+                "redis_archiver_consumer_group",
+                "the same group as {redis_projector_consumer_group}: the two workers would"
+                " split the stream between them, each missing what the other read; give"
+                " each its own name",
+            )
+        if self.redis_claim_idle_ms < 2 * self.redis_block_ms:
+            raise RuleError(
+                "redis_claim_idle_ms",
+                "less than twice {redis_block_ms}: a live replica waiting in its read"
+                " would count as dead, and the others would claim its entries; raise it"
+                " (the default is 60000)",
+            )
+        return self
+
     @property
     def event_limits(self) -> EventLimits:
         return EventLimits(self.max_event_bytes, self.max_future_seconds)
@@ -392,6 +410,9 @@ def redis_url_problem(url: str) -> str | None:
     if scheme not in REDIS_SCHEMES:
         return "must start with redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster://"
     plain = url.replace("+cluster://", "://", 1)
+    database = urlsplit(plain).path.strip("/")
+    if scheme != "unix" and database and not database.isdigit():  # redis-py would take 0
+        return f"the database, /{database}, is not a number (for example: redis://host:6379/0)"
     try:
         options = parse_url(plain)
     except ValueError as exc:
@@ -405,7 +426,8 @@ def redis_url_problem(url: str) -> str | None:
         path = options.get(name)
         if isinstance(path, str) and not Path(path).is_file():
             return f"?{name}={path}: no such file (mount it, or fix the path)"
-    known = connection_options(options.pop("connection_class", Connection))
+    # The pool's own option besides the connections' (README: max_connections).
+    known = connection_options(options.pop("connection_class", Connection)) | {"max_connections"}
     unknown = sorted(set(options) - known)
     if unknown:
         return (

@@ -120,6 +120,42 @@ def test_a_value_of_the_wrong_shape_is_told_how_to_fix_it(name: str, value: str,
     assert str(caught.value).startswith(f"TASK_TRACKING_{name}={value!r} is invalid: {fix}")
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # one group for both: each entry went to one worker only (found by a user drive)
+        (
+            {"TASK_TRACKING_REDIS_ARCHIVER_CONSUMER_GROUP": "task-status-projector"},
+            "TASK_TRACKING_REDIS_ARCHIVER_CONSUMER_GROUP is the same group as"
+            " TASK_TRACKING_REDIS_PROJECTOR_CONSUMER_GROUP: ",
+        ),
+        # live replicas blocked in a 5 s read claimed each other's entries
+        (
+            {"TASK_TRACKING_REDIS_CLAIM_IDLE_MS": "2000"},
+            "TASK_TRACKING_REDIS_CLAIM_IDLE_MS is less than twice TASK_TRACKING_REDIS_BLOCK_MS",
+        ),
+        # redis-py reads a database that is not a number as 0, silently
+        (
+            {"TASK_TRACKING_REDIS_URL": "redis://h:6379/abc"},
+            "TASK_TRACKING_REDIS_URL='redis://h:6379/abc' is invalid: the database, /abc, is not",
+        ),
+    ],
+)
+def test_settings_that_would_lose_or_misplace_events_are_refused(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"TASK_TRACKING_REDIS_URL": "redis://x", **env})
+    assert str(caught.value).startswith(message)
+
+
+def test_the_pool_size_the_readme_recommends_is_taken() -> None:
+    url = "redis://h:6379/3?max_connections=16"
+    assert load_settings({"TASK_TRACKING_REDIS_URL": url}).redis_url == url
+    shorter = {"TASK_TRACKING_REDIS_CLAIM_IDLE_MS": "2000", "TASK_TRACKING_REDIS_BLOCK_MS": "1000"}
+    assert load_settings({"TASK_TRACKING_REDIS_URL": "redis://x", **shorter})
+
+
 def test_kubernetes_names_and_a_token_from_a_secret_made_with_echo_are_taken() -> None:
     settings = load_settings(
         {
