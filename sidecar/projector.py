@@ -60,6 +60,9 @@ from sidecar.metrics import Metrics, observe_many
 # Executions per script call on a standalone server: a batch goes out in several calls,
 # each sent as soon as it is built, so Redis runs one while Python builds the next.
 CALL_SIZE = 64
+# ...and fields at most, with one execution a call beyond it: a script call blocks every
+# other client of Redis while it runs (64 events of 110,000 fields each took 3.2 s).
+CALL_FIELDS = 8192
 # A changes-feed entry holds the execution's item (its JSON, as the script got it) when it
 # is at most this long, else only the hash's key (`reload`: readers read the hash).
 CHANGE_BYTES = 64 * 1024
@@ -297,11 +300,19 @@ class ProjectRegistry:
 def calls_in_chunks(
     runs: dict[str, list[ValidEvent]], events: Sequence[ValidEvent], projects: ProjectRegistry
 ) -> Iterator[_ScriptCall]:
-    """A batch's calls on a standalone server, built lazily: `CALL_SIZE` executions each,
-    with the index entries of every event of those executions (so an index never names an
-    execution before its hash is written, without waiting for the batch's other calls)."""
-    execution_ids = list(runs)
-    chunks = [execution_ids[n : n + CALL_SIZE] for n in range(0, len(runs), CALL_SIZE)]
+    """A batch's calls on a standalone server, built lazily: `CALL_SIZE` executions each
+    (fewer when they hold over `CALL_FIELDS` fields), with the index entries of every
+    event of those executions (so an index never names an execution before its hash is
+    written, without waiting for the batch's other calls)."""
+    chunks: list[list[str]] = []
+    fields = 0
+    for execution_id, run in runs.items():
+        width = len(run[0].fields) if len(run) == 1 else max(len(e.fields) for e in run)
+        if not chunks or len(chunks[-1]) == CALL_SIZE or fields + width > CALL_FIELDS:
+            chunks.append([])
+            fields = 0
+        chunks[-1].append(execution_id)
+        fields += width
     chunk_of = {execution_id: n for n, chunk in enumerate(chunks) for execution_id in chunk}
     events_of: list[list[ValidEvent]] = [[] for _ in chunks]
     for event in events:

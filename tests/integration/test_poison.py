@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 
 import orjson
 import pytest
@@ -19,6 +20,8 @@ from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT, RedisTaskStatusProjector
 from tests.helpers import (
     ADDED_MS,
     PROJECTOR,
+    archive_objects_folder,
+    both_groups_done,
     STREAM,
     event,
     group_done,
@@ -206,3 +209,44 @@ local start = tonumber(redis.call('TIME')[1])
 while tonumber(redis.call('TIME')[1]) < start + 2 do end
 return 0
 """
+
+
+def _nested(levels: int, *, lines: bool = False) -> bytes:
+    """An event whose `meta` field makes it `levels` deep, as JSON.stringify writes it
+    (with `lines`: JSON.stringify(e, null, 1), one key a line)."""
+    head = orjson.dumps(event("deep", "success"))[:-1] + b',"meta":'
+    opening = b'{\n "a":' if lines else b'{"a":'
+    return head + opening * (levels - 1) + b"1" + b"}" * (levels - 1) + b"}"
+
+
+async def test_shapes_that_would_stop_a_group_or_stall_redis_are_dead_lettered(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Found by a user drive: an unknown field 255 deep stopped the projector group for
+    good (orjson writes at most 254 levels), one 1,000 deep over several lines stopped
+    both groups (the standard library's parser recursed), and 64 events of 110,000
+    fields made one script call that held Redis for 3 s. Now each is dead-lettered with
+    its reason, the archiver skips exactly those, and wide events are written a few to a
+    call."""
+    deepest = _nested(200)
+    too_deep = [_nested(201), _nested(300), _nested(1000, lines=True)]
+    too_wide = event("too-wide", "success", **{f"f{n}": n for n in range(10_000)})
+    wide = [event(f"wide{n}", "success", **{f"f{k}": k for k in range(5000)}) for n in range(8)]
+    ids = await publish(
+        redis_client, STREAM, [deepest, *too_deep, too_wide, *wide, event("after", "error")]
+    )
+    settings = {"s3_archive_enabled": True, "archive_sink": "folder", "archive_folder": tmp_path}
+    async with running_sidecar(redis_url, archive_flush_max_age_seconds=0.2, **settings):
+        await both_groups_done(redis_client, 60)
+    state = await projection(redis_client, ["deep", "after", "wide7"])
+    assert state["deep"]["status"] == "success" and state["after"]["status"] == "error"
+    assert state["wide7"]["f4999"] == "4999"
+    dead = await redis_client.xrange(f"{STREAM}:dead-letter")
+    reasons = {fields[b"sourceId"].decode(): fields[b"error"].decode() for _, fields in dead}
+    assert sorted(reasons) == sorted(ids[1:5])
+    assert all("nested deeper than 200 levels" in reasons[i] for i in ids[1:4]), reasons
+    assert reasons[ids[4]].startswith("event has 10006 top-level fields, over 10000")
+    lines = [
+        line for body in archive_objects_folder(tmp_path).values() for line in body.split(b"\n")
+    ]
+    assert sum(1 for line in lines if line) == 1 + len(wide) + 1  # what was projected
