@@ -20,9 +20,9 @@ from sidecar.projector import CALL_SIZE, MAX_IN_FLIGHT, RedisTaskStatusProjector
 from tests.helpers import (
     ADDED_MS,
     PROJECTOR,
+    STREAM,
     archive_objects_folder,
     both_groups_done,
-    STREAM,
     event,
     group_done,
     projection,
