@@ -29,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from sidecar.keys import KEY_PREFIX
 from sidecar.metrics import Metrics
+from sidecar.watermark import THROUGH
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ class StreamRetention:
         floor: str | None = None
         archiver_floor: str | None = None
         archiver_delivered = "0-0"
+        if not self.archiving() and self.archiver_group not in names:
+            # Lost while archival is off (XGROUP DESTROY, a restore): where it archived
+            # before, it still pins the stream, from the watermark it is re-created at.
+            through: Any = await self.redis.hget(f"{self.stream}:archived", THROUGH)
+            if through:  # else archival was never on here: nothing to hold
+                archiver_delivered = _text(through)
+                archiver_floor = next_id(archiver_delivered)
         for info in groups:
             name = _text(info["name"])
             keep_from = await self._keep_from(name, info)
@@ -151,9 +159,11 @@ class StreamRetention:
         """The switched-off archiver's entries before `until` are about to be trimmed: its
         pending ones and the undelivered ones after `delivered`. Record and count them, and
         move its position forward past them (never backward)."""
-        pending: Any = await self.redis.xpending_range(
-            self.stream, self.archiver_group, min="-", max=f"({until}", count=COUNT_PAGE * 10
-        )
+        pending: Any = []
+        with contextlib.suppress(ResponseError):  # NOGROUP: the group was lost
+            pending = await self.redis.xpending_range(
+                self.stream, self.archiver_group, min="-", max=f"({until}", count=COUNT_PAGE * 10
+            )
         if pending:  # acknowledged as skipped, so the next pass does not count them again
             await self.redis.xack(
                 self.stream, self.archiver_group, *(_text(row["message_id"]) for row in pending)
@@ -184,7 +194,8 @@ class StreamRetention:
         # The archiver group moves past them, so its position no longer pins the stream.
         last: Any = await self.redis.xrevrange(self.stream, max=f"({until}", count=1)
         if last and id_order(_text(last[0][0])) > id_order(delivered):
-            await self.redis.xgroup_setid(self.stream, self.archiver_group, _text(last[0][0]))
+            with contextlib.suppress(ResponseError):  # NOGROUP: re-created at the watermark
+                await self.redis.xgroup_setid(self.stream, self.archiver_group, _text(last[0][0]))
 
     async def _count(self, first: str, until: str) -> int:
         count, cursor = 0, first

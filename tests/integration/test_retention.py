@@ -85,6 +85,44 @@ async def test_switched_off_archiver_pins_then_gap_is_recorded_and_reported(
     check_exactly_once(archive_objects_folder(folder), raw(first + later))
 
 
+async def test_an_archiver_group_lost_while_archival_is_off_still_pins_the_stream(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Found by a user drive: with archival off and the group destroyed, the next pass
+    trimmed everything the projector had read, and 25,000 events were gone unrecorded.
+    The lost group pins from the archive watermark, where it is re-created: entries are
+    held for the pin, then trimmed as a recorded gap, and archived once when it is back."""
+    folder = tmp_path / "archive"
+    on = ArchiveConfig(enabled=True, sink="folder", folder=folder, flush=FAST)
+    first = [event(f"k{n}", "success") for n in range(20)]
+    held = [event(f"m{n}", "success") for n in range(30)]
+    async with running_sidecar(redis_url, archive_off_pin_seconds=86_400) as sidecar:
+        await sidecar.apply_archive_target(on)
+        await publish(redis_client, STREAM, first)
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
+        await sidecar.retention.trim_stream()
+        await redis_client.xgroup_destroy(STREAM, ARCHIVER)
+        await publish(redis_client, STREAM, held)
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+        await sidecar.retention.trim_stream()
+        assert await redis_client.xlen(STREAM) == 30  # held: archived entries only went
+        await sidecar.apply_archive_target(on)
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER))
+        from tests.integration.test_archiver import raw
+
+        check_exactly_once(archive_objects_folder(folder), raw(first + held))
+        await sidecar.apply_archive_target(ArchiveConfig(enabled=False))
+        await redis_client.xgroup_destroy(STREAM, ARCHIVER)
+        await publish(redis_client, STREAM, [event(f"n{n}", "success") for n in range(7)])
+        await wait_for(lambda: group_done(redis_client, STREAM, PROJECTOR))
+        sidecar.retention.archive_off_pin_seconds = 0  # past the pin: trimmed, recorded
+        await sidecar.retention.trim_stream()
+        gaps = await sidecar.retention.archive_gaps()
+        assert [value.split()[1] for value in gaps.values()] == ["7"]
+        assert sidecar.metrics.archive_skipped._value.get() == 7
+
+
 async def test_hard_cap_counts_what_it_drops_unarchived(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
