@@ -76,6 +76,8 @@ from sidecar.resource import (
 logger = logging.getLogger(__name__)
 
 EVENT_REASON_INVALID = "InvalidSpec"
+# How long the one read of the resource before archival starts may take (`read_spec`).
+FIRST_READ_SECONDS = 10.0
 
 
 def has_kubernetes_credentials() -> bool:
@@ -166,6 +168,37 @@ class ResourceWatch:
                     self.resource_name,
                 )
         return self._credentials
+
+    async def read_spec(self, timeout_seconds: float = FIRST_READ_SECONDS) -> ResourceSpec | None:
+        """The resource's spec as it stands, read once before archival starts: kopf's
+        first event comes later, and archiving meanwhile to the environment's target sent
+        a restarted pod's pending entries there. None when it is absent, invalid or not
+        readable in time: the environment's configuration applies until the watch says."""
+        import aiohttp
+
+        from sidecar.kube_api import kubernetes_api
+
+        info = _login(settings=kopf.OperatorSettings())
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.resource_name}"
+        what = f"TaskTracking {self.namespace}/{self.resource_name}"
+        try:
+            async with kubernetes_api(info, timeout_seconds) as api:
+                status, body = await api.get(path)
+            if status == 404:
+                return None
+            if status != 200:
+                message = body.get("message", "") if isinstance(body, dict) else ""
+                raise ValueError(f"HTTP {status} {message}".strip())
+            return parse_spec(body.get("spec") or {})
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            logger.warning(
+                "%s could not be read before archival starts (%s): the environment's"
+                " configuration applies until the watch reads it",
+                what,
+                exc or type(exc).__name__,
+                extra={"resource": self.resource_name},
+            )
+            return None
 
     async def run(self) -> None:
         """Run kopf until stop() (or until cancelled); return at once without credentials."""

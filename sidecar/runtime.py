@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sidecar import allocator
 from sidecar.archive_switch import ArchiveSwitch, S3Clients, runner_options
@@ -29,6 +29,8 @@ from sidecar.stream_stats import StreamStatsSampler
 
 if TYPE_CHECKING:
     from aiohttp import web  # the read API's, imported only when it is enabled
+
+    from sidecar.kopf_embedding import ResourceWatch  # kopf, only when a resource is watched
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class Sidecar:
             index_max_age_days=settings.retention.project_index_max_age_days,
             index_max_size=settings.retention.project_index_max_size,
         )
-        self.watch: Any = None  # sidecar.kopf_embedding.ResourceWatch when a resource is watched
+        self.watch: ResourceWatch | None = None  # when a resource is watched
         self.http_port: int | None = None
         self.api_port: int | None = None  # the read API's, when TASK_TRACKING_API_ENABLED
         self._api: web.AppRunner | None = None
@@ -126,13 +128,25 @@ class Sidecar:
         self._spawn("archive-switch", self.archive.run)
         self._spawn("stream-stats", self.stats.run)
         self.watchdog.start(asyncio.get_running_loop())
-        # The environment's target is not write-checked: a bad bucket shows in
-        # /readyz and the logs while entries wait in the stream.
-        await self.archive.apply(self.settings.archive, check=False)
+        watch = self._resource_watch()
+        spec = await watch.read_spec() if watch is not None else None
+        # A present resource overrides the environment from the first write on. The
+        # target is not write-checked here: a bad bucket shows in /readyz and the logs
+        # while entries wait in the stream.
+        target = (
+            self.settings.archive
+            if spec is None
+            else spec.archive.inheriting(self.settings.archive)
+        )
+        await self.archive.apply(target, check=False)
+        if spec is not None:
+            self._apply_retention(spec.retention.inheriting(self.settings.retention))
         # Trimming starts once the archiver (if on) has its group: before, the stream
         # could be trimmed behind the projector only, under entries the archiver needs.
         self._spawn("retention", self.retention.run)
-        await self._start_watch()
+        if watch is not None:
+            self.watch = watch
+            self._spawn("watch", watch.run)
         allocator.release_free_memory()  # what the imports and the start left free
         log.info(
             "sidecar started: stream %s, consumer %s, http :%s",
@@ -176,9 +190,11 @@ class Sidecar:
                 await asyncio.wait_for(close, left(1.0))
         log.info("stopped")
 
-    async def _start_watch(self) -> None:
+    def _resource_watch(self) -> ResourceWatch | None:
+        """The watch of the configured TaskTracking, or None (no resource configured, or
+        no Kubernetes credentials: the environment's configuration rules)."""
         if not self.settings.resource_name:
-            return
+            return None
         from sidecar.kopf_embedding import ResourceWatch, watched_namespace  # kopf
 
         namespace, source = watched_namespace(self.settings.namespace)
@@ -193,15 +209,14 @@ class Sidecar:
             ),
         )
         if not watch.can_log_in():
-            return
+            return None
         log.info(
             "watching TaskTracking %s/%s (namespace from %s)",
             namespace,
             self.settings.resource_name,
             source,
         )
-        self.watch = watch
-        self._spawn("watch", watch.run)
+        return watch
 
     def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         async def guarded() -> None:

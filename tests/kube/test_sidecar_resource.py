@@ -205,3 +205,32 @@ async def test_resource_retention_overrides_the_environment_and_delete_restores_
             timeout=5,
             message="environment retention restored",
         )
+
+
+async def test_a_restart_archives_to_the_resources_target_from_its_first_write(
+    api: Any, redis_url: str, redis_client: aioredis.Redis, s3: MotoServer
+) -> None:
+    """Found by a user drive: a restarted sidecar archived to the environment's target
+    until kopf's first event, 150 ms later, and a kill -9'd pod's pending entries went
+    there (some of them twice: into both prefixes). The resource is read once before
+    archival starts."""
+    client = s3.client()
+    client.create_bucket(Bucket="from-resource")
+    client.create_bucket(Bucket="from-env")
+    await api.create(NS, resource(enabled=True, bucket="from-resource"))
+    producer = Producer(redis_client)
+    producer.start()
+    await producer.published_more(300)  # a backlog waiting for the start
+    await producer.stop()
+    async with running_sidecar(
+        redis_url,
+        resource_name=NAME,
+        namespace=NS,
+        s3_archive_enabled=True,
+        s3_bucket="from-env",
+        archive_flush_max_events=50,
+    ) as sidecar:
+        assert sidecar.archive.target.bucket == "from-resource"  # before any event
+        await wait_for(lambda: group_done(redis_client, STREAM, ARCHIVER), timeout=60)
+    assert archive_objects_s3(client, "from-env") == {}
+    check_exactly_once(archive_objects_s3(client, "from-resource"), producer.valid_raw)
