@@ -22,8 +22,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import (
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.batches import Batch, BatchDecoder
@@ -41,6 +47,35 @@ log = logging.getLogger(__name__)
 # Errors after which the connection is retried; anything else is a bug and is
 # retried too, but logged with its traceback.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+# Other error replies that are the server's state: how each starts, what it means.
+STATE_REPLIES = (
+    ("MISCONF", "it cannot save to disk: check its disk"),
+    ("BUSY ", "busy running a script"),
+    ("UNBLOCKED", "the stream was deleted while it was read: it is created again"),
+    ("DB index is out of range", "no such database: use a lower one in the URL (/0)"),
+)
+
+
+def server_state(exc: Exception) -> str | None:
+    """What a refusal that is the server's state, not the data's, means and what to do,
+    or None: a line instead of a traceback (the batch is retried as after a lost
+    connection)."""
+    text = str(exc)
+    if isinstance(exc, OutOfMemoryError):
+        return "out of memory (maxmemory): free memory, or raise maxmemory"
+    if isinstance(exc, ReadOnlyError):
+        return "a read-only replica: point TASK_TRACKING_REDIS_URL at the primary"
+    if isinstance(exc, BusyLoadingError):
+        return "loading its data set"
+    if isinstance(exc, NoPermissionError):
+        return "the ACL user lacks a permission: see README, 'Redis Cluster, TLS and ACLs'"
+    if isinstance(exc, ResponseError):
+        for start, meaning in STATE_REPLIES:
+            if text.startswith(start):
+                return meaning
+    return None
 
 
 @dataclass
@@ -294,6 +329,8 @@ class ConsumerGroupRunner:
             elif isinstance(exc, TRANSIENT):
                 hint = "" if self._ever_ready else redis_hint(exc, self.options.redis_url)
                 self._log.warning("Redis unavailable, retrying with backoff: %s%s", failure, hint)
+            elif (state := server_state(exc)) is not None:
+                self._log.warning("Redis refused: %s (%s); retrying with backoff", state, exc)
             else:
                 self._log.exception("worker error, retrying with backoff")
         self.failure = failure
