@@ -225,9 +225,11 @@ def decode_values(
             f"event is nested deeper than {MAX_NESTING} levels of objects and arrays:"
             " flatten it, or send such data by reference",
         )
-    if lossy:  # two identifiers must not become one key
+    if lossy:  # two identifiers must not become one key (both cut to U+FFFD)
+        exact = json.loads(raw)  # the standard library keeps lone surrogates as they are
         for name in ("eventId", "executionId"):
-            if "\ufffd" in str(data.get(name, "")):
+            value = exact.get(name)
+            if isinstance(value, str) and _SURROGATE.search(value):
                 reason = f"{name}: holds a lone surrogate (a string cut inside a character)"
                 return InvalidEntry(entry_id, first, reason)
     facts = quick_event_facts(data, plain=_plain(raw))

@@ -75,6 +75,17 @@ def test_lone_surrogates_are_kept_as_sent_in_the_archive_and_replaced_in_the_fie
     orjson.dumps(decoded.fields)  # the projector can serialize it
 
 
+def test_a_real_replacement_character_in_an_id_is_not_a_lone_surrogate() -> None:
+    """Found by a user drive: with a lone surrogate elsewhere in the event (a task name
+    cut inside an emoji), an ID holding a real U+FFFD was refused as holding one."""
+    text = orjson.dumps(event(event_id="ev-\ufffd-1", taskName="cut PLACE"))
+    decoded = decode(text.replace(b"PLACE", b"\\ud83d"))
+    assert isinstance(decoded, ValidEvent) and decoded.event_id == "ev-\ufffd-1"
+    refused = decode(orjson.dumps(event(event_id="ev-PLACE")).replace(b"PLACE", b"\\ud83d"))
+    assert isinstance(refused, InvalidEntry)
+    assert refused.reason == "eventId: holds a lone surrogate (a string cut inside a character)"
+
+
 def test_an_escaped_backslash_before_u_is_not_a_surrogate_escape() -> None:
     raw = orjson.dumps(event())[:-1] + b',"note":"C:\\\\ud83d\\\\"}'
     decoded = decode(raw)
