@@ -84,6 +84,15 @@ class TaskEvent(BaseModel):
             raise ValueError("must be owner/repo (GitHub names; repo not '.' or '..')")
         return value
 
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        # JSON.parse reads 1796410553575.0 and 1.796410553575e12 as integers (Python's
+        # json.dumps writes a float so); a fraction, infinity or NaN stays refused.
+        if type(value) is float and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("occurred_at")
     @classmethod
     def _timestamp(cls, value: str | int) -> str | int:

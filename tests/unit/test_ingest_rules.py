@@ -217,3 +217,26 @@ def test_identifier_rules(field: str, value: str, accepted: bool) -> None:
     assert isinstance(decoded, ValidEvent) is accepted, getattr(decoded, "reason", None)
     if not accepted:
         assert decoded.reason.startswith(f"{field}: ")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("value", "outcome"),
+    [
+        # integers to JSON.parse (Python's json.dumps writes a float's ".0")
+        ("1796410553575.0", 1796410553575),
+        ("1.796410553575e12", 1796410553575),
+        # a fraction stays refused; a whole number out of range is named as such
+        ("1796410553575.5", "occurredAt: 1796410553575.5 (a number with a fraction) is not"),
+        ("1e21", "occurredAt: epoch milliseconds must be a non-negative integer below 10^14"),
+        ("1796410553.0", "occurredAt: 1796410553 looks like epoch seconds; send milliseconds"),
+    ],
+)
+def test_a_whole_number_written_as_a_float_is_read_as_javascript_reads_it(
+    value: str, outcome: int | str
+) -> None:
+    fields = {name: v for name, v in event().items() if name != "occurredAt"}
+    decoded = decode(orjson.dumps(fields)[:-1] + f',"occurredAt":{value}}}'.encode())
+    if isinstance(outcome, int):
+        assert isinstance(decoded, ValidEvent) and decoded.occurred_at_ms == outcome
+    else:
+        assert isinstance(decoded, InvalidEntry) and decoded.reason.startswith(outcome)
