@@ -63,7 +63,11 @@ class RedisTaskTrackingService:
         if isinstance(decoded, InvalidEntry):
             raise ValueError(decoded.reason)
         if decoded.warnings:
-            raise ValueError(f"{decoded.warnings[0]}: not in the shape the contract gives it")
+            raise ValueError(
+                f"{decoded.warnings[0]}: not in the shape the contract gives it (README, "
+                "'Data contracts'); the sidecar would keep it as sent and count a warning,"
+                " so it is refused here, before it is sent"
+            )
         entry_id = await self.redis.xadd(self.stream_key, {"event": raw})
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
