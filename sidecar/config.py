@@ -410,9 +410,6 @@ def redis_url_problem(url: str) -> str | None:
     if scheme not in REDIS_SCHEMES:
         return "must start with redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster://"
     plain = url.replace("+cluster://", "://", 1)
-    database = urlsplit(plain).path.strip("/")
-    if scheme != "unix" and database and not database.isdigit():  # redis-py would take 0
-        return f"the database, /{database}, is not a number (for example: redis://host:6379/0)"
     try:
         options = parse_url(plain)
     except ValueError as exc:
@@ -422,6 +419,13 @@ def redis_url_problem(url: str) -> str | None:
                 " and password (%2F, %40, %3A)"
             )
         return f"{redact(str(exc))} (see README 'Redis Cluster, TLS and ACLs')"
+    # Not echoed: after an unencoded '/' in a password, the rest of it is the "path".
+    database = urlsplit(plain).path.strip("/")
+    if scheme != "unix" and database and not database.isdigit():  # redis-py would take 0
+        return (
+            "the database (the path after the host) is not a number, for example"
+            " redis://host:6379/0; percent-encode '/', '@' and ':' in a password (%2F, %40, %3A)"
+        )
     for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
         path = options.get(name)
         if isinstance(path, str) and not Path(path).is_file():

@@ -137,7 +137,7 @@ def test_a_value_of_the_wrong_shape_is_told_how_to_fix_it(name: str, value: str,
         # redis-py reads a database that is not a number as 0, silently
         (
             {"TASK_TRACKING_REDIS_URL": "redis://h:6379/abc"},
-            "TASK_TRACKING_REDIS_URL='redis://h:6379/abc' is invalid: the database, /abc, is not",
+            "TASK_TRACKING_REDIS_URL='redis://h:6379/abc' is invalid: the database (the path",
         ),
     ],
 )
