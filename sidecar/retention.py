@@ -118,7 +118,8 @@ class StreamRetention:
         if not self.archiving() and self.archiver_group not in names:
             # Lost while archival is off (XGROUP DESTROY, a restore): where it archived
             # before, it still pins the stream, from the watermark it is re-created at.
-            through: Any = await self.redis.hget(f"{self.stream}:archived", THROUGH)
+            marks: Any = await self.redis.hgetall(f"{self.stream}:archived")  # ACL: no HGET
+            through = marks.get(THROUGH.encode(), marks.get(THROUGH))
             if through:  # else archival was never on here: nothing to hold
                 archiver_delivered = _text(through)
                 archiver_floor = next_id(archiver_delivered)
